@@ -1,0 +1,1 @@
+"""Batch jobs over the warehouse: reconcile, settle, rerate, backfill."""

@@ -1,0 +1,1 @@
+"""tokenmeter: usage metering for AI model Tokens at telecom carriers."""

@@ -1,0 +1,178 @@
+"""The faust-streaming app, wired explicitly: ``create_app(settings)`` builds it, nothing
+happens at import time.
+
+Two thin agents:
+- ``ingest`` consumes ``usage-events`` in batches (``take_events``) and hands each batch
+  to ``Pipeline.process_usage`` on the pipeline thread;
+- ``dead_letters`` consumes ``usage-dead-letters`` and mirrors it into the table.
+
+Commit after flush: ``take_events`` acks a batch's events only when the agent asks for
+the next batch, i.e. after ``process_*`` returned, and faust commits acked offsets
+only. faust would also ack a batch whose agent raised or was cancelled, so a batch
+that could not be stored ends the process at once (``_crash``), without committing:
+the restart replays it, and the sink's offset marks keep the replay from counting
+anything twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import faust
+from faust.types import EventT
+
+from pipeline.runtime import Pipeline
+from pipeline.settings import Settings
+from pipeline.stages.ingest import RawMessage
+
+log = logging.getLogger("tokenmeter.worker")
+T = TypeVar("T")
+
+
+def _crash(reason: str) -> None:
+    """Leave without committing anything (faust would commit acked offsets on a clean
+    stop). Exit code 75 (EX_TEMPFAIL): restart me, the batch will be replayed."""
+    log.critical("stopping without commit: %s", reason)
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(75)
+
+
+def _raw(events: list[EventT]) -> list[RawMessage]:
+    out = []
+    for event in events:
+        msg = event.message
+        out.append(
+            RawMessage(
+                topic=msg.topic,
+                partition=msg.partition,
+                offset=msg.offset,
+                timestamp_ms=int(msg.timestamp * 1000),
+                key=msg.key,
+                value=msg.value if isinstance(msg.value, bytes) else bytes(msg.value or b""),
+            )
+        )
+    return out
+
+
+class Worker:
+    """The faust app plus the pipeline thread it feeds."""
+
+    def __init__(self, settings: Settings, pipeline_factory: Callable[[], Pipeline]) -> None:
+        self.settings = settings
+        self._factory = pipeline_factory
+        self._pipeline: Pipeline | None = None
+        # One thread owns the pipeline (chdb session, dedup index, producers).
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
+        self.app = self._build_app()
+
+    @property
+    def pipeline(self) -> Pipeline:
+        if self._pipeline is None:
+            raise RuntimeError("pipeline not started")
+        return self._pipeline
+
+    async def on_pipeline(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the pipeline thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, fn, *args)
+
+    async def _run_batch(self, fn: Callable[[list[RawMessage]], Any], events: list[EventT]) -> Any:
+        batch = _raw(events)
+        future = asyncio.get_running_loop().run_in_executor(self.executor, fn, batch)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            # Stopping: let the write in flight finish; commit only if it did.
+            try:
+                await asyncio.wait_for(future, timeout=60)
+            except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001 - any failure here means "not stored"
+                _crash(f"stopped while a batch was being stored ({type(exc).__name__})")
+            raise
+        except Exception as exc:  # noqa: BLE001 - an unstored batch must never be acked
+            log.exception("batch failed")
+            _crash(f"batch of {len(batch)} could not be processed: {exc}")
+            raise
+
+    def _build_app(self) -> faust.App:
+        s = self.settings
+        app = faust.App(
+            s.consumer_group,
+            broker=f"kafka://{s.kafka_bootstrap}",
+            store="memory://",
+            datadir=str(s.data_path / "worker"),
+            key_serializer="raw",
+            value_serializer="raw",
+            web_host=s.web_host,
+            web_bind=s.web_host,
+            web_port=s.web_port,
+            web_in_thread=False,
+            broker_session_timeout=6.0,
+            broker_heartbeat_interval=1.0,
+            broker_commit_interval=1.0,
+            broker_max_poll_records=s.batch_max,
+            stream_buffer_maxsize=max(4096, s.batch_max * 2),
+            consumer_auto_offset_reset="earliest",
+            topic_disable_leader=True,
+            topic_allow_declare=False,
+            producer_acks=-1,
+        )
+        usage = app.topic(s.topic_usage, key_type=bytes, value_type=bytes)
+        dead = app.topic(s.topic_dead_letters, key_type=bytes, value_type=bytes)
+
+        @app.agent(usage, concurrency=1, name="ingest")
+        async def ingest(stream: faust.StreamT) -> None:
+            async for events in stream.take_events(s.batch_max, within=s.batch_within_s):
+                await self._run_batch(self.pipeline.process_usage, list(events))
+
+        @app.agent(dead, concurrency=1, name="dead_letters")
+        async def dead_letters(stream: faust.StreamT) -> None:
+            async for events in stream.take_events(s.batch_max, within=s.batch_within_s):
+                await self._run_batch(self.pipeline.process_dead_letters, list(events))
+
+        @app.on_partitions_revoked.connect
+        async def on_revoked(app: faust.App, revoked: set[Any], **_: Any) -> None:
+            parts = [tp.partition for tp in revoked if tp.topic == s.topic_usage]
+            if parts and self._pipeline is not None:
+                await self.on_pipeline(self.pipeline.release_usage_partitions, parts)
+
+        from pipeline.web import register_pages
+
+        register_pages(app, self)
+        return app
+
+    def start_pipeline(self) -> None:
+        """Open the warehouse and the producers (blocking; before the app starts)."""
+        self._pipeline = self.executor.submit(self._factory).result()
+
+    def stop_pipeline(self) -> None:
+        """Release the warehouse (after the app stopped)."""
+        if self._pipeline is not None:
+            self.executor.submit(self._pipeline.close).result()
+            self._pipeline = None
+        self.executor.shutdown(wait=True)
+
+
+def run_worker(settings: Settings, loglevel: str = "info") -> int:
+    """Run the worker in the foreground until SIGINT/SIGTERM. Returns an exit code."""
+    from faust.worker import Worker as FaustWorker
+
+    from pipeline.worker_state import worker_pidfile
+
+    worker = Worker(settings, lambda: Pipeline(settings))
+    worker.start_pipeline()
+    try:
+        with worker_pidfile(settings):
+            fw = FaustWorker(worker.app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
+            fw.execute_from_commandline()
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    finally:
+        worker.stop_pipeline()
+    return 0

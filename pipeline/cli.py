@@ -1,0 +1,372 @@
+"""``tokenmeter``: the command line (contract section 2).
+
+Every command reads ``TOKENMETER_*`` settings; flags override them. User mistakes
+(bad settings, unreachable broker, bad SQL) end with a one-line message and a non-zero
+exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from confluent_kafka import KafkaException
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.settings import Settings, SettingsError, load_settings
+
+app = typer.Typer(
+    name="tokenmeter",
+    help="Usage metering for AI model Tokens at telecom carriers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+stack_app = typer.Typer(help="The local Kafka broker (KRaft, 127.0.0.1).", no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+class UserError(Exception):
+    """A mistake the user can fix; printed without a traceback."""
+
+
+def _settings(ctx: typer.Context) -> Settings:
+    obj: Settings = ctx.obj
+    return obj
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Data directory (TOKENMETER_DATA_DIR).")
+    ] = None,
+    bootstrap: Annotated[
+        str | None, typer.Option(help="Kafka bootstrap (TOKENMETER_KAFKA_BOOTSTRAP).")
+    ] = None,
+    warehouse_url: Annotated[
+        str | None, typer.Option(help="clickhouse:// URL (TOKENMETER_WAREHOUSE_URL).")
+    ] = None,
+) -> None:
+    ctx.obj = load_settings(
+        data_dir=data_dir, kafka_bootstrap=bootstrap, warehouse_url=warehouse_url
+    )
+
+
+# ---- stack ---------------------------------------------------------------------
+
+
+@stack_app.command("up")
+def stack_up(ctx: typer.Context) -> None:
+    """Start Kafka (resolving its jars with Maven on first use) and create the topics."""
+    from pipeline import stack
+
+    status = stack.stack_up(_settings(ctx), console=console)
+    _print_stack(status)
+
+
+@stack_app.command("down")
+def stack_down(ctx: typer.Context) -> None:
+    """Stop the broker that `stack up` started (nothing else)."""
+    from pipeline import stack
+
+    stopped = stack.stack_down(_settings(ctx), console=console)
+    console.print("broker stopped" if stopped else "no broker of ours was running")
+
+
+@stack_app.command("status")
+def stack_status(ctx: typer.Context) -> None:
+    """Show whether the broker runs, where, and its topics. Exit 1 if it is down."""
+    from pipeline import stack
+
+    status = stack.stack_status(_settings(ctx))
+    _print_stack(status)
+    if not status.running:
+        raise typer.Exit(1)
+
+
+def _print_stack(status: Any) -> None:
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("broker", "[green]running[/]" if status.running else "[red]stopped[/]")
+    table.add_row("pid", str(status.pid or "-"))
+    table.add_row("bootstrap", status.bootstrap)
+    table.add_row("kafka", status.kafka_version)
+    table.add_row("data dir", str(status.data_dir))
+    table.add_row("log", str(status.log_file))
+    for name, parts in sorted(status.topics.items()):
+        table.add_row("topic", f"{name} ({parts} partitions)")
+    console.print(table)
+
+
+# ---- worker ----------------------------------------------------------------------
+
+
+@app.command()
+def worker(
+    ctx: typer.Context,
+    loglevel: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
+) -> None:
+    """Run the stream processor in the foreground (Ctrl-C stops it cleanly)."""
+    from pipeline.app import run_worker
+
+    raise typer.Exit(run_worker(_settings(ctx), loglevel=loglevel))
+
+
+# ---- produce ---------------------------------------------------------------------
+
+
+@app.command()
+def produce(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Option("--file", "-f", help="JSON lines, one event each.")],
+) -> None:
+    """Validate and send events from a JSONL file. Bad lines are reported by number and
+    sent to the dead-letter topic; good lines are sent. Exit 1 if any line was bad."""
+    from pipeline.produce import UsageProducer, read_jsonl
+    from pipeline.rejects import FileRejects
+
+    settings = _settings(ctx)
+    if not file.is_file():
+        raise UserError(f"--file: {file} does not exist")
+    producer = UsageProducer.from_settings(settings)
+    rejects = FileRejects(settings, file)
+    sent = 0
+    problems = []
+    with _progress() as progress:
+        task = progress.add_task(f"sending {file.name}", total=file.stat().st_size or None)
+        for number, record, problem in read_jsonl(file, producer.rules):
+            if problem is not None:
+                problems.append(problem)
+                rejects.add(problem)
+            elif record is not None:
+                producer.send_record(record)
+                sent += 1
+            if number % 1000 == 0:
+                progress.update(task, completed=rejects.bytes_read())
+        progress.update(task, completed=file.stat().st_size)
+        delivered = producer.flush()
+        rejects.flush()
+    for p in problems:
+        err_console.print(f"line {p.line}: {p.reason}: {p.detail}")
+    summary = Table(show_header=False, box=None)
+    summary.add_column(style="bold")
+    summary.add_column(justify="right")
+    summary.add_row("events sent", f"{sent:,}")
+    summary.add_row("delivered", f"{delivered:,}")
+    summary.add_row("bad lines", f"{len(problems):,}")
+    console.print(summary)
+    if problems:
+        raise typer.Exit(1)
+
+
+def _progress() -> Any:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    )
+
+
+# ---- simulate --------------------------------------------------------------------
+
+
+@app.command()
+def simulate(
+    ctx: typer.Context,
+    events: Annotated[int, typer.Option(min=1, help="Messages to send.")] = 10_000,
+    seed: Annotated[int, typer.Option(help="Random seed: same seed, same traffic.")] = 1,
+    dup_rate: Annotated[float, typer.Option(min=0.0, max=0.5)] = 0.0,
+    bad_rate: Annotated[float, typer.Option(min=0.0, max=0.5)] = 0.0,
+    tenants: Annotated[int, typer.Option(min=1)] = 200,
+    truth: Annotated[
+        Path | None, typer.Option(help="Write the exact expected totals here.")
+    ] = None,
+) -> None:
+    """Send synthetic carrier traffic (models, carriers, channels, skewed tenants,
+    cross-carrier calls, failed calls) with duplicates and bad records."""
+    from pipeline.simulate_run import run_simulation
+
+    result = run_simulation(
+        _settings(ctx), events, seed, dup_rate, bad_rate, tenants, truth, err_console
+    )
+    summary = Table(show_header=False, box=None)
+    summary.add_column(style="bold")
+    summary.add_column(justify="right")
+    summary.add_row("messages sent", f"{result['messages']:,}")
+    summary.add_row("unique valid", f"{result['unique_valid']:,}")
+    summary.add_row("exact duplicates", f"{result['exact_duplicates']:,}")
+    summary.add_row("bad", f"{result['dead_letters_total']:,}")
+    summary.add_row("rate", f"{result['rate']:,.0f} msg/s")
+    if truth:
+        summary.add_row("truth", str(truth))
+    console.print(summary)
+
+
+# ---- sql -------------------------------------------------------------------------
+
+
+@app.command()
+def sql(
+    ctx: typer.Context,
+    query: Annotated[str, typer.Argument(help="A SELECT (or SHOW/DESCRIBE/EXPLAIN).")],
+    fmt: Annotated[
+        str, typer.Option("--format", help="table, json (one object per row) or csv")
+    ] = "table",
+) -> None:
+    """Read-only query of the warehouse (through the worker if it is running)."""
+    from pipeline.query import run_readonly
+
+    if fmt not in ("table", "json", "csv"):
+        raise UserError("--format: choose table, json or csv")
+    columns, rows = run_readonly(_settings(ctx), query)
+    if fmt == "json":
+        from pipeline.web import json_value
+
+        for row in rows:
+            sys.stdout.write(
+                json.dumps(
+                    dict(zip(columns, row, strict=True)), default=json_value, ensure_ascii=False
+                )
+                + "\n"
+            )
+    elif fmt == "csv":
+        import csv
+
+        writer = csv.writer(sys.stdout)
+        writer.writerow(columns)
+        writer.writerows(rows)
+    else:
+        table = Table(*columns, show_lines=False)
+        for row in rows:
+            table.add_row(*("" if v is None else str(v) for v in row))
+        console.print(table)
+        err_console.print(f"{len(rows)} row(s)")
+
+
+# ---- wait ------------------------------------------------------------------------
+
+
+@app.command()
+def wait(
+    ctx: typer.Context,
+    idle: Annotated[float, typer.Option(min=0.0, help="Seconds with nothing left to do.")] = 5.0,
+    timeout: Annotated[
+        float, typer.Option(min=1.0, help="Give up after this many seconds.")
+    ] = 900.0,
+) -> None:
+    """Block until the worker has processed (and committed) everything produced so far,
+    and nothing new arrived for --idle seconds."""
+    from pipeline.lag import LagReader
+
+    reader = LagReader(_settings(ctx))
+    deadline = time.monotonic() + timeout
+    idle_since: float | None = None
+    try:
+        with err_console.status("waiting for the worker") as status:
+            while True:
+                lags = reader.read()
+                behind = sum(p.lag for p in lags)
+                now = time.monotonic()
+                if behind == 0:
+                    idle_since = idle_since or now
+                    if now - idle_since >= idle:
+                        break
+                    status.update(f"caught up; idle {now - idle_since:.1f}/{idle:.0f} s")
+                else:
+                    idle_since = None
+                    status.update(f"{behind:,} message(s) left to process")
+                if now > deadline:
+                    _print_lag(lags)
+                    raise UserError(
+                        f"--timeout: still {behind:,} message(s) behind after {timeout:.0f} s "
+                        "(is `tokenmeter worker` running?)"
+                    )
+                time.sleep(0.5)
+    finally:
+        reader.close()
+    console.print("all produced events are processed")
+
+
+def _print_lag(lags: Any) -> None:
+    table = Table("topic", "partition", "end", "committed", "lag")
+    for p in lags:
+        table.add_row(p.topic, str(p.partition), f"{p.end:,}", f"{p.committed:,}", f"{p.lag:,}")
+    err_console.print(table)
+
+
+# ---- demo ------------------------------------------------------------------------
+
+
+@app.command()
+def demo(
+    ctx: typer.Context,
+    events: Annotated[int, typer.Option(min=100, help="Messages to simulate.")] = 50_000,
+    seed: Annotated[int | None, typer.Option(help="Random seed (default: time-based).")] = None,
+    keep_running: Annotated[bool, typer.Option(help="Leave broker and worker running.")] = False,
+) -> None:
+    """The main job on the embedded default: Kafka + worker + simulated carrier traffic,
+    then a summary of what was metered."""
+    from pipeline.demo import run_demo
+
+    run_demo(_settings(ctx), events, seed, keep_running, console, err_console)
+
+
+def _mount_optional() -> None:
+    try:
+        from pipeline.cli_prices import prices_app
+    except ImportError:  # pragma: no cover - the module ships with the package
+        return
+    app.add_typer(prices_app, name="prices")
+
+
+_mount_optional()
+
+
+def main() -> None:
+    """Entry point: run the CLI; user errors become one red line and exit code 2."""
+    from pipeline.produce import DeliveryError
+    from pipeline.warehouse import WarehouseError
+
+    known: tuple[type[BaseException], ...] = (
+        UserError,
+        SettingsError,
+        WarehouseError,
+        DeliveryError,
+        KafkaException,
+    )
+    try:
+        from pipeline.stack import StackError
+
+        known = (*known, StackError)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        app()
+    except known as exc:
+        err_console.print(f"[red]error:[/] {exc}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

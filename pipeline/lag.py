@@ -1,0 +1,78 @@
+"""How far the worker is behind: end offsets versus the group's committed offsets.
+
+``tokenmeter wait`` and the demo use this to know that everything produced so far has
+been processed (committed offsets move only after the sink's write succeeded).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+from pipeline.settings import Settings
+
+
+@dataclass(frozen=True)
+class PartitionLag:
+    """One partition's end offset, committed offset and the difference."""
+
+    topic: str
+    partition: int
+    end: int
+    committed: int
+
+    @property
+    def lag(self) -> int:
+        return max(0, self.end - max(self.committed, 0))
+
+
+class LagReader:
+    """Reads end and committed offsets for the worker's group."""
+
+    def __init__(self, settings: Settings, topics: list[str] | None = None) -> None:
+        self.topics = topics or [settings.topic_usage, settings.topic_dead_letters]
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": settings.kafka_bootstrap,
+                "group.id": settings.consumer_group,
+                "enable.auto.commit": False,
+            }
+        )
+
+    def partitions(self) -> list[TopicPartition]:
+        """Every partition of the watched topics."""
+        meta = self._consumer.list_topics(timeout=10)
+        out = []
+        for topic in self.topics:
+            if topic not in meta.topics or meta.topics[topic].error is not None:
+                raise KafkaException(f"topic {topic} does not exist (is the stack up?)")
+            out.extend(TopicPartition(topic, p) for p in sorted(meta.topics[topic].partitions))
+        return out
+
+    def read(self) -> list[PartitionLag]:
+        """The lag of every partition, now."""
+        parts = self.partitions()
+        committed = {
+            (tp.topic, tp.partition): tp.offset
+            for tp in self._consumer.committed(parts, timeout=10)
+        }
+        out = []
+        for tp in parts:
+            _low, high = self._consumer.get_watermark_offsets(tp, timeout=10, cached=False)
+            out.append(
+                PartitionLag(tp.topic, tp.partition, high, committed[(tp.topic, tp.partition)])
+            )
+        return out
+
+    def end_offsets(self, topic: str) -> dict[int, int]:
+        """End offset per partition of one topic."""
+        return {
+            tp.partition: self._consumer.get_watermark_offsets(tp, timeout=10, cached=False)[1]
+            for tp in self.partitions()
+            if tp.topic == topic
+        }
+
+    def close(self) -> None:
+        """Leave without committing anything."""
+        self._consumer.close()

@@ -1,0 +1,264 @@
+"""The worker's engine room: what happens to one batch, with no faust in sight.
+
+``Pipeline`` owns the warehouse connection, the sink, the dedup index and the
+dead-letter producer. Its methods are synchronous and are called from one dedicated
+thread (see ``pipeline/app.py``), so its state needs no locks and the event loop stays
+free to fetch, heartbeat and serve HTTP while a batch is being written.
+
+Order inside ``process_usage`` is what makes "offsets commit only after the write":
+ingest -> write usage_events -> dead letters delivered to Kafka -> return. Only then
+does the agent let faust ack (and later commit) the batch's offsets.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+from confluent_kafka import Producer
+
+from pipeline.events import Reason, Rejection, Rules, Stage, now_ms, pseudonymise
+from pipeline.metering.dedup import DedupIndex
+from pipeline.produce import DeliveryError, producer_config
+from pipeline.serde import AvroCodec, DecodeError
+from pipeline.settings import Settings
+from pipeline.stages.ingest import DeadLetter, IngestStage, RawMessage
+from pipeline.stages.sink import Sink, ingested_now
+from pipeline.warehouse import Warehouse, open_warehouse
+from pipeline.warehouse.arrow_rows import dead_letters_table, usage_events_table
+from pipeline.warehouse.base import quote_literal
+
+log = logging.getLogger(__name__)
+
+USAGE_TABLE = "usage_events"
+DEAD_LETTER_TABLE = "dead_letters"
+
+# Chinese mobile numbers; a raw payload kept for a dead letter has them pseudonymised.
+_PHONE = re.compile(rb"(?<!\d)1[3-9]\d{9}(?!\d)")
+
+
+def redact_phone_numbers(payload: bytes, key: bytes) -> bytes:
+    """Replace anything that looks like a mobile number by its pseudonym."""
+    return _PHONE.sub(lambda m: pseudonymise(m.group().decode(), key).encode(), payload)
+
+
+@dataclass
+class BatchReport:
+    """What one batch did; feeds metrics and logs."""
+
+    consumed: int = 0
+    accepted: int = 0
+    inserted: int = 0
+    duplicates: int = 0
+    dead_letters: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+
+
+class Pipeline:
+    """The stages for one worker process."""
+
+    def __init__(self, settings: Settings, wh: Warehouse | None = None) -> None:
+        self.settings = settings
+        self.wh = wh if wh is not None else open_warehouse(settings)
+        self.codec = AvroCodec()
+        self.dl_codec = AvroCodec("dead_letter")
+        self.key = settings.pseudonym_secret()
+        self.rules = Rules(
+            lateness_limit_ms=settings.lateness_limit_s * 1000,
+            future_skew_ms=settings.future_skew_s * 1000,
+            max_tokens=settings.max_tokens,
+        )
+        self.dedup = DedupIndex()
+        self.ingest = IngestStage(self.codec, self.rules, self.key, self.dedup)
+        self.stopping = False
+        self.sink_errors = 0
+        self.sink = Sink(
+            self.wh,
+            [USAGE_TABLE, DEAD_LETTER_TABLE],
+            retry_max_s=settings.sink_retry_max_s,
+            on_retry=self._on_sink_retry,
+            should_stop=lambda: self.stopping,
+        )
+        self.dl_producer = Producer(producer_config(settings, **{"linger.ms": 5}))
+        self._dl_loaded: set[int] = set()
+        self.totals = BatchReport()
+
+    def _on_sink_retry(self, table: str, attempt: int, exc: Exception) -> None:
+        self.sink_errors += 1
+
+    # ---- partitions -----------------------------------------------------------
+    def load_usage_partitions(self, partitions: list[int]) -> None:
+        """Take over partitions of the usage topic: read the sink's marks and the dedup
+        keys stored for them (within the lateness limit) from the warehouse."""
+        topic = self.settings.topic_usage
+        new = [p for p in partitions if (topic, p) not in self.sink.tables[USAGE_TABLE].loaded]
+        if not new:
+            return
+        started = time.monotonic()
+        self.sink.ensure_loaded(topic, new)
+        horizon = now_ms() - self.rules.lateness_limit_ms - self.rules.future_skew_ms
+        result = self.wh.query_arrow(
+            "SELECT reporting_carrier, event_id, payload_hash, partition, offset, "
+            "toUnixTimestamp64Milli(event_time) AS ms FROM usage_events "
+            f"WHERE topic = {quote_literal(topic)} "
+            f"AND partition IN ({', '.join(str(p) for p in new)}) "
+            f"AND event_time >= fromUnixTimestamp64Milli({horizon})"
+        )
+        add = self.dedup.add
+        if result.num_rows:
+            for carrier, event_id, phash, part, offset, ms in zip(
+                *(result.column(i).to_pylist() for i in range(6)), strict=True
+            ):
+                add(f"{carrier}\x1f{event_id}", phash, part, offset, ms)
+        log.info(
+            "took partitions %s: %d dedup keys loaded in %.2f s",
+            new,
+            result.num_rows,
+            time.monotonic() - started,
+        )
+
+    def release_usage_partitions(self, partitions: list[int]) -> None:
+        """Give partitions up; their marks are re-read if they come back."""
+        self.sink.forget(self.settings.topic_usage, partitions)
+
+    # ---- the usage path -------------------------------------------------------
+    def process_usage(self, messages: list[RawMessage]) -> BatchReport:
+        """Ingest one batch and store it. Returns only once everything is stored and the
+        dead letters are acknowledged by Kafka; raises ``SinkAbortedError`` or
+        ``DeliveryError`` otherwise (the caller must then not commit)."""
+        started = time.monotonic()
+        self.load_usage_partitions(sorted({m.partition for m in messages}))
+        result = self.ingest.process(messages)
+        report = BatchReport(consumed=len(messages), accepted=len(result.accepted))
+        report.duplicates = result.duplicates
+        if result.accepted:
+            report.inserted = self.sink.write(
+                USAGE_TABLE, usage_events_table(result.accepted, ingested_now())
+            )
+        if result.dead_letters:
+            self.send_dead_letters(result.dead_letters)
+            report.dead_letters.update(d.reason for d in result.dead_letters)
+        report.seconds = time.monotonic() - started
+        self._add(report)
+        return report
+
+    def send_dead_letters(self, letters: list[DeadLetter]) -> None:
+        """Deliver dead letters to the dead-letter topic and wait for the broker.
+
+        Keyed by the source position so one source partition's letters stay in order in
+        one dead-letter partition (the table mirror relies on that)."""
+        topic = self.settings.topic_dead_letters
+        failures: list[str] = []
+
+        def on_delivery(err: Any, _msg: Any) -> None:
+            if err is not None:
+                failures.append(str(err))
+
+        for letter in letters:
+            if letter.payload_format == "raw":
+                letter.payload = redact_phone_numbers(letter.payload, self.key)
+            key = f"{letter.topic}:{letter.partition}".encode()
+            while True:
+                try:
+                    self.dl_producer.produce(
+                        topic, self.dl_codec.encode(letter.to_avro()), key, on_delivery=on_delivery
+                    )
+                    break
+                except BufferError:
+                    self.dl_producer.poll(0.05)
+        remaining = self.dl_producer.flush(60)
+        if remaining:
+            failures.append(f"{remaining} dead letter(s) undelivered after 60 s")
+        if failures:
+            raise DeliveryError(failures)
+
+    # ---- the dead-letter mirror -------------------------------------------------
+    def process_dead_letters(self, messages: list[RawMessage]) -> int:
+        """Mirror dead-letter records into ``dead_letters``, exactly once.
+
+        A record's identity is its *source* position; records of one source partition
+        arrive in order, so the sink's marks per source (topic, partition) drop the
+        copies a replayed upstream batch sent again. Returns rows inserted."""
+        letters = []
+        for msg in messages:
+            try:
+                rec = self.dl_codec.decode(msg.value)
+            except DecodeError as exc:
+                # Garbage on the dead-letter topic is itself a dead letter, positioned on
+                # the dead-letter topic.
+                rejection = Rejection(exc.reason, Stage.DECODE, exc.detail)
+                letters.append(_letter_from_rejection(msg, rejection))
+                continue
+            letters.append(
+                DeadLetter(
+                    reason=rec["reason"],
+                    stage=rec["stage"],
+                    detail=rec["detail"],
+                    payload=rec["payload"],
+                    payload_format=rec["payload_format"],
+                    topic=rec["source_topic"],
+                    partition=rec["source_partition"],
+                    offset=rec["source_offset"],
+                    failed_at_ms=rec["failed_at"],
+                    event_id=rec["event_id"],
+                    reporting_carrier=rec["reporting_carrier"],
+                    tenant_id=rec["tenant_id"],
+                    event_time_ms=rec["event_time"],
+                )
+            )
+        if not letters:
+            return 0
+        table = dead_letters_table(letters, ingested_now())
+        self._ensure_dl_marks(table)
+        return self.sink.write(DEAD_LETTER_TABLE, table)
+
+    def _ensure_dl_marks(self, table: pa.Table) -> None:
+        tracked = self.sink.tables[DEAD_LETTER_TABLE]
+        pairs = set(
+            zip(
+                table.column("topic").to_pylist(),
+                table.column("partition").to_pylist(),
+                strict=True,
+            )
+        )
+        by_topic: dict[str, list[int]] = {}
+        for topic, part in pairs:
+            if (topic, part) not in tracked.loaded:
+                by_topic.setdefault(topic, []).append(part)
+        for topic, parts in by_topic.items():
+            tracked.load(self.wh, topic, parts)
+
+    def _add(self, report: BatchReport) -> None:
+        t = self.totals
+        t.consumed += report.consumed
+        t.accepted += report.accepted
+        t.inserted += report.inserted
+        t.duplicates += report.duplicates
+        t.dead_letters.update(report.dead_letters)
+
+    def close(self) -> None:
+        """Flush the producer and release the warehouse."""
+        self.dl_producer.flush(10)
+        self.wh.close()
+
+
+def _letter_from_rejection(msg: RawMessage, rejection: Rejection) -> DeadLetter:
+    return DeadLetter(
+        reason=rejection.reason.value,
+        stage=rejection.stage.value,
+        detail=rejection.detail,
+        payload=msg.value,
+        payload_format="raw",
+        topic=msg.topic,
+        partition=msg.partition,
+        offset=msg.offset,
+        failed_at_ms=msg.timestamp_ms,
+    )
+
+
+__all__ = ["BatchReport", "Pipeline", "Reason", "redact_phone_numbers"]

@@ -1,0 +1,128 @@
+"""One settings object for every command: ``TOKENMETER_*`` environment variables and flags.
+
+Nothing else in the code base reads the environment. Secrets are ``SecretStr`` and never
+appear in logs or ``repr``. A bad value is reported by its variable name (see
+``load_settings``), never as a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "TOKENMETER_"
+
+
+class SettingsError(Exception):
+    """A configuration value is wrong; the message names the setting."""
+
+
+class Settings(BaseSettings):
+    """All of tokenmeter's settings. Every field maps to ``TOKENMETER_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    data_dir: Path = Field(default=Path(".tokenmeter"))
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    kafka_port: int = Field(default=9092, ge=1024, le=65535)
+    kafka_controller_port: int = Field(default=9093, ge=1024, le=65535)
+    kafka_partitions: int = Field(default=4, ge=1, le=256)
+    kafka_heap_mb: int = Field(default=768, ge=128)
+    warehouse_url: str = ""  # empty = embedded chdb under data_dir/warehouse
+    web_host: str = "127.0.0.1"
+    web_port: int = Field(default=6066, ge=1, le=65535)
+
+    # topics (contract names; overridable so tests can isolate themselves)
+    topic_usage: str = "usage-events"
+    topic_dead_letters: str = "usage-dead-letters"
+    topic_quota_events: str = "quota-events"
+    consumer_group: str = "tokenmeter-worker"
+
+    # validation rules (contract section 1)
+    lateness_limit_s: int = Field(default=35 * 24 * 3600, ge=60)
+    future_skew_s: int = Field(default=300, ge=0)
+    max_tokens: int = Field(default=10_000_000, ge=1)
+
+    # worker batching
+    batch_max: int = Field(default=5000, ge=1, le=500_000)
+    batch_within_s: float = Field(default=0.5, gt=0)
+    sink_retry_max_s: float = Field(default=30.0, gt=0)
+
+    # security
+    pseudonym_key: SecretStr | None = None
+
+    @field_validator("web_host")
+    @classmethod
+    def _host_not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+    # ---- derived paths -------------------------------------------------
+    @property
+    def data_path(self) -> Path:
+        return self.data_dir.expanduser().resolve()
+
+    @property
+    def warehouse_path(self) -> Path:
+        return self.data_path / "warehouse"
+
+    @property
+    def kafka_path(self) -> Path:
+        return self.data_path / "kafka"
+
+    @property
+    def spool_path(self) -> Path:
+        return self.data_path / "spool"
+
+    @property
+    def web_url(self) -> str:
+        return f"http://{self.web_host}:{self.web_port}"
+
+    def pseudonym_secret(self) -> bytes:
+        """The HMAC key for subscriber ids.
+
+        From ``TOKENMETER_PSEUDONYM_KEY`` if set; otherwise a random key generated once
+        per data directory (``secrets/pseudonym.key``, mode 0600), so the embedded
+        default needs no configuration and still never uses a guessable key.
+        """
+        if self.pseudonym_key is not None:
+            value = self.pseudonym_key.get_secret_value().encode()
+            if len(value) < 16:
+                raise SettingsError("TOKENMETER_PSEUDONYM_KEY: must be at least 16 characters")
+            return value
+        path = self.data_path / "secrets" / "pseudonym.key"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.chmod(0o700)
+            tmp = path.with_suffix(".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_hex(32))
+            try:
+                os.link(tmp, path)  # atomic: first writer wins if two processes race
+            except FileExistsError:
+                pass
+            tmp.unlink(missing_ok=True)
+        return path.read_text().strip().encode()
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings from the environment plus explicit overrides (CLI flags).
+
+    Raises ``SettingsError`` naming the offending ``TOKENMETER_*`` variable.
+    """
+    clean = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**clean)
+    except ValidationError as exc:
+        parts = []
+        for err in exc.errors():
+            name = ENV_PREFIX + "_".join(str(p) for p in err["loc"]).upper()
+            parts.append(f"{name}: {err['msg']}")
+        raise SettingsError("; ".join(parts)) from None

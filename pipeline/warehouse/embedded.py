@@ -1,0 +1,120 @@
+"""The embedded backend: the ClickHouse engine in-process (chdb), persisted on disk.
+
+Only one process can open a chdb directory at a time. The worker holds it while it
+runs; other commands reach the data through the worker's read-only query endpoint
+(see ``pipeline/web.py``) or open it themselves when no worker runs.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from chdb import session as chdb_session
+from chdb._exceptions import ChdbError
+
+from pipeline.warehouse.base import (
+    ReadOnlyViolationError,
+    WarehouseError,
+    WarehouseLockedError,
+    arrow_stream_bytes,
+    quote_ident,
+    quote_literal,
+    strip_statement,
+)
+
+_READ_STATEMENTS = ("Show", "Describe", "Explain", "Exists")
+
+
+class EmbeddedWarehouse:
+    """chdb on ``path``. Thread-safe: calls are serialised by a lock, because one chdb
+    session is one connection."""
+
+    kind = "embedded"
+
+    def __init__(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        self.location = str(path)
+        self._lock = threading.Lock()
+        try:
+            self._session = chdb_session.Session(str(path))
+        except (ChdbError, RuntimeError) as exc:
+            if "lock" in str(exc).lower():
+                raise WarehouseLockedError(
+                    f"the embedded warehouse at {path} is open in another process "
+                    "(is `tokenmeter worker` running?)"
+                ) from None
+            raise WarehouseError(str(exc)) from None
+
+    def _call(self, sql: str, fmt: str, params: dict[str, Any] | None = None) -> Any:
+        with self._lock:
+            try:
+                return (
+                    self._session.query(sql, fmt, params=params)
+                    if params
+                    else (self._session.query(sql, fmt))
+                )
+            except (ChdbError, RuntimeError, ValueError) as exc:
+                raise WarehouseError(_first_line(str(exc))) from None
+
+    def execute(self, sql: str, params: dict[str, Any] | None = None) -> None:
+        """Run a statement that returns nothing."""
+        self._call(sql, "CSV", params)
+
+    def query_arrow(self, sql: str, params: dict[str, Any] | None = None) -> pa.Table:
+        """Run a query; the result as an Arrow table."""
+        result = self._call(sql, "ArrowTable", params)
+        if not isinstance(result, pa.Table):  # an empty result can come back as bytes
+            return pa.table({})
+        return result
+
+    def query_readonly(self, sql: str) -> pa.Table:
+        """An analyst's query under ``readonly=1``. SELECT-like statements run as a
+        subquery so the setting applies whatever the text ends with."""
+        text = strip_statement(sql)
+        kind = self._statement_kind(text)
+        if kind in ("SelectWithUnionQuery", "SelectIntersectExceptQuery"):
+            return self.query_arrow(f"SELECT * FROM (\n{text}\n) SETTINGS readonly = 1")
+        if kind.startswith(_READ_STATEMENTS):
+            return self.query_arrow(f"{text}\nSETTINGS readonly = 1")
+        raise ReadOnlyViolationError(
+            "read-only access: only SELECT, SHOW, DESCRIBE, EXPLAIN and EXISTS statements"
+        )
+
+    def _statement_kind(self, text: str) -> str:
+        ast = self._call(f"EXPLAIN AST {text}", "TabSeparatedRaw")
+        first = str(ast).lstrip().split("\n", 1)[0]
+        return first.split(" ", 1)[0].strip()
+
+    def insert_arrow(self, table: str, data: pa.Table, dedup_token: str | None = None) -> int:
+        """Insert one Arrow block via the ``ArrowStream`` format."""
+        if data.num_rows == 0:
+            return 0
+        cols = ", ".join(quote_ident(c) for c in data.column_names)
+        settings = (
+            f" SETTINGS insert_deduplication_token = {quote_literal(dedup_token)}"
+            if dedup_token
+            else ""
+        )
+        payload = arrow_stream_bytes(data)
+        with self._lock:
+            try:
+                inserter = self._session.send_insert(
+                    f"INSERT INTO {quote_ident(table)} ({cols}){settings}", "ArrowStream"
+                )
+                inserter.append(payload)
+                inserter.finish()
+            except (ChdbError, RuntimeError, ValueError) as exc:
+                raise WarehouseError(_first_line(str(exc))) from None
+        return data.num_rows
+
+    def close(self) -> None:
+        """Close the session and release the directory lock."""
+        with self._lock:
+            self._session.close()
+
+
+def _first_line(message: str) -> str:
+    return message.strip().split("\n", 1)[0][:500]

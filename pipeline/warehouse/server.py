@@ -1,0 +1,100 @@
+"""The server backend: a ClickHouse server over HTTP via clickhouse-connect.
+
+URL form: ``clickhouse://user:password@host:8123/database`` (``clickhouses://`` for TLS).
+The password never leaves this module: ``location`` drops it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import clickhouse_connect
+import pyarrow as pa
+from clickhouse_connect.driver.exceptions import ClickHouseError
+
+from pipeline.warehouse.base import WarehouseError, strip_statement
+
+
+def parse_url(url: str) -> dict[str, Any]:
+    """Split a ``clickhouse://`` URL into clickhouse-connect's keyword arguments."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("clickhouse", "clickhouses"):
+        raise WarehouseError(
+            "TOKENMETER_WAREHOUSE_URL: expected clickhouse://user:pass@host:8123/db"
+        )
+    if not parts.hostname:
+        raise WarehouseError("TOKENMETER_WAREHOUSE_URL: no host")
+    return {
+        "host": parts.hostname,
+        "port": parts.port or (8443 if parts.scheme == "clickhouses" else 8123),
+        "username": unquote(parts.username or "default"),
+        "password": unquote(parts.password or ""),
+        "database": parts.path.lstrip("/") or "default",
+        "secure": parts.scheme == "clickhouses",
+    }
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password replaced, safe for logs and output."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return parts._replace(netloc=netloc).geturl()
+
+
+class ServerWarehouse:
+    """A ClickHouse server. ``client`` may be injected (contract tests)."""
+
+    kind = "server"
+
+    def __init__(self, url: str, client: Any = None) -> None:
+        self.location = redact_url(url)
+        self._args = parse_url(url)
+        if client is None:
+            try:
+                client = clickhouse_connect.get_client(**self._args)
+            except (ClickHouseError, OSError) as exc:
+                raise WarehouseError(f"cannot reach {self.location}: {exc}") from None
+        self._client = client
+
+    def execute(self, sql: str, params: dict[str, Any] | None = None) -> None:
+        """Run a statement that returns nothing."""
+        try:
+            self._client.command(sql, parameters=params)
+        except ClickHouseError as exc:
+            raise WarehouseError(str(exc).split("\n", 1)[0]) from None
+
+    def query_arrow(self, sql: str, params: dict[str, Any] | None = None) -> pa.Table:
+        """Run a query; the result as an Arrow table."""
+        try:
+            table: pa.Table = self._client.query_arrow(sql, parameters=params)
+        except ClickHouseError as exc:
+            raise WarehouseError(str(exc).split("\n", 1)[0]) from None
+        return table
+
+    def query_readonly(self, sql: str) -> pa.Table:
+        """An analyst's query with the ``readonly=1`` setting sent along with it."""
+        try:
+            table: pa.Table = self._client.query_arrow(
+                strip_statement(sql), settings={"readonly": 1}
+            )
+        except ClickHouseError as exc:
+            raise WarehouseError(str(exc).split("\n", 1)[0]) from None
+        return table
+
+    def insert_arrow(self, table: str, data: pa.Table, dedup_token: str | None = None) -> int:
+        """Insert one Arrow block; ``dedup_token`` is sent as insert_deduplication_token."""
+        if data.num_rows == 0:
+            return 0
+        settings = {"insert_deduplication_token": dedup_token} if dedup_token else None
+        try:
+            self._client.insert_arrow(table, data, settings=settings)
+        except ClickHouseError as exc:
+            raise WarehouseError(str(exc).split("\n", 1)[0]) from None
+        return data.num_rows
+
+    def close(self) -> None:
+        """Close the HTTP client."""
+        self._client.close()
