@@ -20,6 +20,7 @@ import asyncio
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -61,6 +62,35 @@ def _raw(events: list[EventT]) -> list[RawMessage]:
     return out
 
 
+class _Throughput:
+    """Events and batches per logging interval (the worker logs them every 10 s)."""
+
+    def __init__(self) -> None:
+        self.events = 0
+        self.batches = 0
+        self.busy_s = 0.0
+        self.since = time.monotonic()
+
+    def add(self, events: int, seconds: float) -> None:
+        self.events += events
+        self.batches += 1
+        self.busy_s += seconds
+
+    def report(self) -> str | None:
+        now = time.monotonic()
+        elapsed, self.since = now - self.since, now
+        if not self.batches:
+            return None
+        line = (
+            f"{self.events / elapsed:,.0f} events/s, {self.batches} batches "
+            f"(avg {self.events / self.batches:,.0f} events, "
+            f"{1000 * self.busy_s / self.batches:,.0f} ms), busy {100 * self.busy_s / elapsed:.0f}%"
+        )
+        self.events = self.batches = 0
+        self.busy_s = 0.0
+        return line
+
+
 class Worker:
     """The faust app plus the pipeline thread it feeds."""
 
@@ -70,6 +100,7 @@ class Worker:
         self._pipeline: Pipeline | None = None
         # One thread owns the pipeline (chdb session, dedup index, producers).
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
+        self.stats = _Throughput()
         self.app = self._build_app()
 
     @property
@@ -85,9 +116,12 @@ class Worker:
 
     async def _run_batch(self, fn: Callable[[list[RawMessage]], Any], events: list[EventT]) -> Any:
         batch = _raw(events)
+        started = time.monotonic()
         future = asyncio.get_running_loop().run_in_executor(self.executor, fn, batch)
         try:
-            return await asyncio.shield(future)
+            result = await asyncio.shield(future)
+            self.stats.add(len(batch), time.monotonic() - started)
+            return result
         except asyncio.CancelledError:
             # Stopping: let the write in flight finish; commit only if it did.
             try:
@@ -141,6 +175,12 @@ class Worker:
             parts = [tp.partition for tp in revoked if tp.topic == s.topic_usage]
             if parts and self._pipeline is not None:
                 await self.on_pipeline(self.pipeline.release_usage_partitions, parts)
+
+        @app.timer(10.0)
+        async def log_throughput() -> None:
+            line = self.stats.report()
+            if line:
+                log.info("throughput: %s", line)
 
         from pipeline.web import register_pages
 

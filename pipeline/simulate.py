@@ -83,7 +83,7 @@ CARRIER_LIST: tuple[str, ...] = ("CMCC", "CTCC", "CUCC")
 WINDOW_MS = 2 * 3600 * 1000  # valid event_time lies in [now - 2 h, now - 1 s]
 CROSS_CARRIER_SHARE = 0.10  # share of calls whose home and serving carrier differ
 T = TypeVar("T")
-HISTORY = 200_000  # duplicates and conflicts copy one of this many latest valid messages
+HISTORY = 100_000  # duplicates and conflicts copy one of this many latest valid messages
 
 # ---- the world: weights are relative ---------------------------------------------------
 

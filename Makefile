@@ -1,0 +1,38 @@
+# tokenmeter: the two commands a new user needs are `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test unit integration bench lint clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+## setup: create .venv and install tokenmeter with its dev tools
+setup: $(STAMP)
+
+## demo: local Kafka + embedded ClickHouse + worker + simulated traffic, then a summary
+demo: setup
+	$(BIN)/tokenmeter demo
+
+## test: start a test Kafka broker, run unit + integration tests, stop the broker
+test: setup
+	$(BIN)/python scripts/run_tests.py
+
+unit: setup
+	$(BIN)/python -m pytest tests/unit -q
+
+## bench: the benchmarks in tests/perf (print figures; not part of `make test`)
+bench: setup
+	$(BIN)/python scripts/run_tests.py --bench
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+clean:
+	rm -rf .tokenmeter-test .pytest_cache .mypy_cache .ruff_cache

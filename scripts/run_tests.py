@@ -1,0 +1,52 @@
+"""`make test`: start a dedicated Kafka broker, run the whole test suite, stop the broker.
+
+The broker gets its own data directory (.tokenmeter-test/) and ports (19092/19093 by
+default), so a `tokenmeter demo` broker on 9092 is never touched. If the broker cannot
+start, the run fails loudly: integration tests never skip.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_DATA = ROOT / ".tokenmeter-test"
+PORT = int(os.environ.get("TOKENMETER_TEST_KAFKA_PORT", "19092"))
+
+
+def main() -> int:
+    bench = "--bench" in sys.argv[1:]
+    extra = [a for a in sys.argv[1:] if a != "--bench"]
+    env = dict(os.environ)
+    env.update(
+        {
+            "TOKENMETER_DATA_DIR": str(TEST_DATA / "stack"),
+            "TOKENMETER_KAFKA_PORT": str(PORT),
+            "TOKENMETER_KAFKA_CONTROLLER_PORT": str(PORT + 1),
+            "TOKENMETER_KAFKA_BOOTSTRAP": f"127.0.0.1:{PORT}",
+        }
+    )
+    shutil.rmtree(TEST_DATA, ignore_errors=True)
+    tokenmeter = [sys.executable, "-m", "pipeline.cli"]
+    print(f"== starting the test Kafka broker on 127.0.0.1:{PORT}", flush=True)
+    up = subprocess.run([*tokenmeter, "stack", "up"], env=env, cwd=ROOT)
+    if up.returncode != 0:
+        print("== FAILED: the test Kafka broker did not start (see above)", flush=True)
+        return 1
+    try:
+        if bench:
+            cmd = [sys.executable, "-m", "pytest", "tests/perf", "-s", "-q", *extra]
+        else:
+            cmd = [sys.executable, "-m", "pytest", "tests", "-m", "not slow", *extra]
+        return subprocess.run(cmd, env=env, cwd=ROOT).returncode
+    finally:
+        print("== stopping the test Kafka broker", flush=True)
+        subprocess.run([*tokenmeter, "stack", "down"], env=env, cwd=ROOT)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
