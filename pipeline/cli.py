@@ -202,13 +202,29 @@ def simulate(
     truth: Annotated[
         Path | None, typer.Option(help="Write the exact expected totals here.")
     ] = None,
+    live_rate: Annotated[
+        float | None,
+        typer.Option(help="Live traffic: call i happens at start + i/RATE s (else: last 2 h)."),
+    ] = None,
+    late_share: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Live mode: share reported 10-60 min late.")
+    ] = 0.0,
 ) -> None:
     """Send synthetic carrier traffic (models, carriers, channels, skewed tenants,
     cross-carrier calls, failed calls) with duplicates and bad records."""
     from pipeline.simulate_run import run_simulation
 
     result = run_simulation(
-        _settings(ctx), events, seed, dup_rate, bad_rate, tenants, truth, err_console
+        _settings(ctx),
+        events,
+        seed,
+        dup_rate,
+        bad_rate,
+        tenants,
+        truth,
+        err_console,
+        live_rate=live_rate,
+        late_share=late_share,
     )
     summary = Table(show_header=False, box=None)
     summary.add_column(style="bold")

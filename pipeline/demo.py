@@ -141,7 +141,18 @@ def run_demo(
         before = reader.end_offsets(settings.topic_usage)
         seed = seed if seed is not None else int(time.time()) % 100_000
         started = time.monotonic()
-        truth = run_simulation(settings, events, seed, 0.03, 0.01, 200, None, err_console)
+        truth = run_simulation(
+            settings,
+            events,
+            seed,
+            0.03,
+            0.01,
+            200,
+            None,
+            err_console,
+            live_rate=10_000.0,
+            late_share=0.02,
+        )
         wait_processed(settings, err_console)
         elapsed = time.monotonic() - started
         after = reader.end_offsets(settings.topic_usage)

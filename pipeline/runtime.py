@@ -22,13 +22,17 @@ from typing import Any
 import pyarrow as pa
 from confluent_kafka import Producer
 
-from pipeline.events import Reason, Rejection, Rules, Stage, now_ms, pseudonymise
+from pipeline.events import Reason, Rejection, Rules, Stage, dedup_key, now_ms, pseudonymise
 from pipeline.metering.dedup import DedupIndex
+from pipeline.metering.plans import load_plans
+from pipeline.metering.pricing import load_cards, price_lines_rows
 from pipeline.produce import DeliveryError, producer_config
 from pipeline.serde import AvroCodec, DecodeError
 from pipeline.settings import Settings
-from pipeline.stages.ingest import DeadLetter, IngestStage, RawMessage
+from pipeline.stages.ingest import DeadLetter, IngestStage, RawMessage, dead_letter_for
+from pipeline.stages.rate import RateStage
 from pipeline.stages.sink import Sink, ingested_now
+from pipeline.stages.window import GRAINS, corrections_table, rollup_table
 from pipeline.warehouse import Warehouse, open_warehouse
 from pipeline.warehouse.arrow_rows import dead_letters_table, usage_events_table
 from pipeline.warehouse.base import quote_literal
@@ -37,6 +41,21 @@ log = logging.getLogger(__name__)
 
 USAGE_TABLE = "usage_events"
 DEAD_LETTER_TABLE = "dead_letters"
+CORRECTIONS_TABLE = "usage_corrections"
+# Written in this order; usage_events last, so a stored event implies stored rollups.
+ROLLUP_TABLES = (*GRAINS, CORRECTIONS_TABLE)
+
+_PRICE_CARDS = pa.schema(
+    [
+        ("price_card_version", pa.string()),
+        ("effective_from", pa.timestamp("ms", tz="UTC")),
+        ("serving_carrier", pa.string()),
+        ("model_id", pa.string()),
+        ("token_class", pa.string()),
+        ("unit_price_per_million", pa.decimal128(38, 6)),
+        ("token_unit_factor", pa.decimal128(38, 6)),
+    ]
+)
 
 # Chinese mobile numbers; a raw payload kept for a dead letter has them pseudonymised.
 _PHONE = re.compile(rb"(?<!\d)1[3-9]\d{9}(?!\d)")
@@ -75,18 +94,34 @@ class Pipeline:
         )
         self.dedup = DedupIndex()
         self.ingest = IngestStage(self.codec, self.rules, self.key, self.dedup)
+        self.book = load_cards(settings.price_cards)
+        self.rater = RateStage(self.book, load_plans(settings.tenant_plans))
+        self.grace_ms = settings.window_grace_s * 1000
         self.stopping = False
         self.sink_errors = 0
         self.sink = Sink(
             self.wh,
-            [USAGE_TABLE, DEAD_LETTER_TABLE],
+            [USAGE_TABLE, DEAD_LETTER_TABLE, *ROLLUP_TABLES],
             retry_max_s=settings.sink_retry_max_s,
             on_retry=self._on_sink_retry,
             should_stop=lambda: self.stopping,
         )
         self.dl_producer = Producer(producer_config(settings, **{"linger.ms": 5}))
-        self._dl_loaded: set[int] = set()
         self.totals = BatchReport()
+        self.store_price_cards()
+
+    def store_price_cards(self) -> None:
+        """Record the loaded price-card versions in ``price_cards`` (once per version)."""
+        stored = set(
+            self.wh.query_arrow("SELECT DISTINCT price_card_version AS v FROM price_cards")
+            .column("v")
+            .to_pylist()
+            if self.wh.query_arrow("SELECT count() AS n FROM price_cards").column("n")[0].as_py()
+            else []
+        )
+        rows = [r for r in price_lines_rows(self.book) if r["price_card_version"] not in stored]
+        if rows:
+            self.wh.insert_arrow("price_cards", pa.Table.from_pylist(rows, schema=_PRICE_CARDS))
 
     def _on_sink_retry(self, table: str, attempt: int, exc: Exception) -> None:
         self.sink_errors += 1
@@ -115,6 +150,18 @@ class Pipeline:
                 *(result.column(i).to_pylist() for i in range(6)), strict=True
             ):
                 add(f"{carrier}\x1f{event_id}", phash, part, offset, ms)
+        usage = self.wh.query_arrow(
+            "SELECT tenant_id, plan_period, sum(tier_usage_tu) AS tu FROM usage_events "
+            f"WHERE topic = {quote_literal(topic)} "
+            f"AND partition IN ({', '.join(str(p) for p in new)}) "
+            f"AND event_time >= fromUnixTimestamp64Milli({horizon - 32 * 86_400_000}) "
+            "GROUP BY tenant_id, plan_period"
+        )
+        if usage.num_rows:
+            for tenant, period, tu in zip(
+                *(usage.column(i).to_pylist() for i in range(3)), strict=True
+            ):
+                self.rater.add_usage(tenant, period, tu)
         log.info(
             "took partitions %s: %d dedup keys loaded in %.2f s",
             new,
@@ -136,10 +183,32 @@ class Pipeline:
         result = self.ingest.process(messages)
         report = BatchReport(consumed=len(messages), accepted=len(result.accepted))
         report.duplicates = result.duplicates
-        if result.accepted:
-            report.inserted = self.sink.write(
-                USAGE_TABLE, usage_events_table(result.accepted, ingested_now())
-            )
+        # Events at or below usage_events' marks are fully stored (it is written last).
+        stored = self.sink.tables[USAGE_TABLE]
+        fresh = [a for a in result.accepted if stored.fresh(a.topic, a.partition, a.offset)]
+        rated, unpriced = self.rater.rate(fresh)
+        for acc, why in unpriced:
+            # Not counted: forget it, so the same event can be replayed after a card fix.
+            self.dedup.forget(dedup_key(acc.record))
+            msg = RawMessage(acc.topic, acc.partition, acc.offset, acc.arrived_ms, None, b"")
+            result.dead_letters.append(dead_letter_for(msg, why.to_rejection(), acc.record))
+        report.accepted -= len(unpriced)
+        if rated:
+            now = ingested_now()
+            for table in ROLLUP_TABLES:
+                tracked = self.sink.tables[table]
+                todo = [
+                    r for r in rated
+                    if tracked.fresh(r.accepted.topic, r.accepted.partition, r.accepted.offset)
+                ]  # fmt: skip
+                if not todo:
+                    continue
+                if table == CORRECTIONS_TABLE:
+                    data = corrections_table(todo, self.grace_ms, now)
+                else:
+                    data = rollup_table(todo, table, self.grace_ms, now)
+                self.sink.write(table, data)
+            report.inserted = self.sink.write(USAGE_TABLE, usage_events_table(rated, now))
         if result.dead_letters:
             self.send_dead_letters(result.dead_letters)
             report.dead_letters.update(d.reason for d in result.dead_letters)

@@ -16,6 +16,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "TOKENMETER_"
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class SettingsError(Exception):
@@ -47,6 +48,11 @@ class Settings(BaseSettings):
     lateness_limit_s: int = Field(default=35 * 24 * 3600, ge=60)
     future_skew_s: int = Field(default=300, ge=0)
     max_tokens: int = Field(default=10_000_000, ge=1)
+
+    # rating and windows
+    price_cards: Path = Field(default=REPO_ROOT / "config" / "price_cards")
+    tenant_plans: Path | None = Field(default=REPO_ROOT / "config" / "tenant_plans.yaml")
+    window_grace_s: int = Field(default=300, ge=0, le=86_400)
 
     # worker batching
     batch_max: int = Field(default=5000, ge=1, le=500_000)

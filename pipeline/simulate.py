@@ -533,10 +533,25 @@ class Simulation:
     """
 
     def __init__(
-        self, seed: int, now_ms: int, tenants: int = 200, codec: AvroCodec | None = None
+        self,
+        seed: int,
+        now_ms: int,
+        tenants: int = 200,
+        codec: AvroCodec | None = None,
+        live_rate: float | None = None,
+        late_share: float = 0.0,
     ) -> None:
         if tenants < 1:
             raise ValueError("tenants must be at least 1")
+        if live_rate is not None and live_rate <= 0:
+            raise ValueError("live_rate must be positive")
+        if not 0.0 <= late_share <= 1.0:
+            raise ValueError("late_share must be within [0, 1]")
+        # Live traffic: call i happens at now_ms + i / live_rate (events per second), as if
+        # the gateways were sending now; late_share of them come from terminals that were
+        # offline and report 10 to 60 minutes after the call.
+        self.live_rate = live_rate
+        self.late_share = late_share
         self.seed = seed
         self.now_ms = now_ms
         self.codec = codec if codec is not None else AvroCodec()
@@ -683,6 +698,14 @@ class Simulation:
         if pending:  # pragma: no cover - the slot accounting above prevents it
             raise AssertionError("a cross-carrier call lost its second report")
 
+    def _event_time(self, rand: Callable[[], float]) -> int:
+        if self.live_rate is None:
+            return self.now_ms - WINDOW_MS + int(rand() * (WINDOW_MS - 1000))
+        at = self.now_ms + int(self._counter * 1000 / self.live_rate)
+        if self.late_share and rand() < self.late_share:
+            at -= 600_000 + int(rand() * 3_000_000)
+        return at
+
     def _next_id(self, carrier: str) -> str:
         self._counter += 1
         return self._id_prefix[carrier] + str(self._counter)
@@ -777,7 +800,7 @@ class Simulation:
 
         rec: dict[str, Any] = {
             "event_id": self._next_id(first),
-            "event_time": self.now_ms - WINDOW_MS + int(rand() * (WINDOW_MS - 1000)),
+            "event_time": self._event_time(rand),
             "source": source,
             "source_id": source_id,
             "reporting_carrier": first,

@@ -29,11 +29,15 @@ def run_simulation(
     tenants: int,
     truth_path: Path | None,
     console: Console | None = None,
+    live_rate: float | None = None,
+    late_share: float = 0.0,
 ) -> dict[str, Any]:
     """Generate and send ``events`` messages; write the truth file if asked. Returns the
     truth as a dict plus ``rate`` (messages/s)."""
     producer = UsageProducer.from_settings(settings)
-    sim = Simulation(seed=seed, now_ms=now_ms(), tenants=tenants)
+    sim = Simulation(
+        seed=seed, now_ms=now_ms(), tenants=tenants, live_rate=live_rate, late_share=late_share
+    )
     started = time.monotonic()
     progress = Progress(
         TextColumn("simulating"),

@@ -46,6 +46,7 @@ class Accepted:
     topic: str
     partition: int
     offset: int
+    arrived_ms: int = 0  # the broker's receive time (LogAppendTime)
 
 
 @dataclass(slots=True)
@@ -173,7 +174,7 @@ class IngestStage:
             )
             if decision is Decision.NEW:
                 result.accepted.append(
-                    Accepted(record, phash, msg.topic, msg.partition, msg.offset)
+                    Accepted(record, phash, msg.topic, msg.partition, msg.offset, msg.timestamp_ms)
                 )
             elif decision is Decision.DUPLICATE:
                 result.duplicates += 1

@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 
 if TYPE_CHECKING:
-    from pipeline.stages.ingest import Accepted, DeadLetter
+    from pipeline.stages.ingest import DeadLetter
+    from pipeline.stages.rate import Rated
 
 TS = pa.timestamp("ms", tz="UTC")
+DEC = pa.decimal128(38, 6)
 
 USAGE_EVENTS = pa.schema(
     [
@@ -42,6 +44,17 @@ USAGE_EVENTS = pa.schema(
         ("region", pa.string()),
         ("attributes", pa.map_(pa.string(), pa.string())),
         ("payload_hash", pa.int64()),
+        ("token_units", DEC),
+        ("amount", DEC),
+        ("list_amount", DEC),
+        ("currency", pa.string()),
+        ("price_card_version", pa.string()),
+        ("price_line", pa.string()),
+        ("billable", pa.bool_()),
+        ("tenant_plan", pa.string()),
+        ("plan_period", pa.string()),
+        ("tier_usage_tu", DEC),
+        ("rating_run", pa.string()),
         ("topic", pa.string()),
         ("partition", pa.uint32()),
         ("offset", pa.uint64()),
@@ -70,13 +83,26 @@ DEAD_LETTERS = pa.schema(
 )
 
 
-def usage_events_table(accepted: Sequence[Accepted], ingested_at: datetime) -> pa.Table:
-    """Rows for ``usage_events``."""
+def usage_events_table(rated: Sequence[Rated], ingested_at: datetime) -> pa.Table:
+    """Rows for ``usage_events``: the event, its rating and its Kafka position."""
+    accepted = [r.accepted for r in rated]
+    ratings = [r.rating for r in rated]
     cols: dict[str, list[object]] = {
         name: [a.record[name] for a in accepted] for name in _RECORD_FIELDS
     }
     cols["attributes"] = [list((a.record["attributes"] or {}).items()) for a in accepted]
     cols["payload_hash"] = [a.payload_hash for a in accepted]
+    cols["token_units"] = [x.token_units for x in ratings]
+    cols["amount"] = [x.amount for x in ratings]
+    cols["list_amount"] = [x.list_amount for x in ratings]
+    cols["currency"] = [x.currency for x in ratings]
+    cols["price_card_version"] = [x.price_card_version for x in ratings]
+    cols["price_line"] = [x.price_line for x in ratings]
+    cols["billable"] = [x.billable for x in ratings]
+    cols["tenant_plan"] = [r.plan or "" for r in rated]
+    cols["plan_period"] = [r.period for r in rated]
+    cols["tier_usage_tu"] = [x.tier_usage_tu for x in ratings]
+    cols["rating_run"] = ["stream"] * len(rated)
     cols["topic"] = [a.topic for a in accepted]
     cols["partition"] = [a.partition for a in accepted]
     cols["offset"] = [a.offset for a in accepted]

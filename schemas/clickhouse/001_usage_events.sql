@@ -1,5 +1,6 @@
--- Accepted, deduplicated usage events: one row per (reporting_carrier, event_id).
--- Written only by the worker. Every insert carries one ingested_at value, so with
+-- Accepted, deduplicated usage events: one row per (reporting_carrier, event_id), with
+-- its rating (the rated_usage view shows those columns). Written only by the worker, and
+-- last in each batch: a row here means its rollup rows are stored too. Every insert carries one ingested_at value, so with
 -- PARTITION BY toYYYYMM(ingested_at) an insert is one part and lands atomically; the
 -- worker's replay filter relies on that (see pipeline/warehouse/sink.py).
 CREATE TABLE IF NOT EXISTS usage_events
@@ -27,6 +28,17 @@ CREATE TABLE IF NOT EXISTS usage_events
     region            LowCardinality(Nullable(String)),
     attributes        Map(String, String),
     payload_hash      Int64 COMMENT 'content fingerprint used to tell exact from conflicting duplicates',
+    token_units        Decimal(38, 6) COMMENT 'unified Token Units',
+    amount             Decimal(38, 6) COMMENT 'CNY after plan discounts; 0 when not billable',
+    list_amount        Decimal(38, 6) COMMENT 'CNY at list price, before plan discounts',
+    currency           LowCardinality(String),
+    price_card_version LowCardinality(String),
+    price_line         LowCardinality(String) COMMENT 'the card line that priced it, e.g. CMCC/*',
+    billable           Bool,
+    tenant_plan        LowCardinality(String) COMMENT 'empty = list price',
+    plan_period        LowCardinality(String) COMMENT 'tier period key, e.g. 2026-11 (Beijing time)',
+    tier_usage_tu      Decimal(38, 6) COMMENT 'TU this event adds to the tenant''s tier usage',
+    rating_run         LowCardinality(String) COMMENT 'stream, or the rerate run that last priced it',
     topic             LowCardinality(String),
     partition         UInt32,
     offset            UInt64,

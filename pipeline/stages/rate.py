@@ -1,0 +1,67 @@
+"""Rate: price each accepted event with the card in force at its own event_time.
+
+Keeps each tenant's billable Token Units per plan period (the input of graduated
+tiers). The counts are loaded from ``usage_events`` when a partition is taken, and an
+event is rated only once it is above the stored marks, so a replay reproduces exactly
+the amounts of the first run (all of a tenant's events are in one partition, in order).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+
+from pipeline.metering.plans import TenantPlans, period_key
+from pipeline.metering.pricing import PriceBook, Rating, Unpriced
+from pipeline.stages.ingest import Accepted
+
+ZERO = Decimal("0.000000")
+
+
+@dataclass(slots=True)
+class Rated:
+    """An accepted event with its rating."""
+
+    accepted: Accepted
+    rating: Rating
+    plan: str | None
+    period: str
+
+
+class RateStage:
+    """Prices batches of accepted events; owns the tier usage counters."""
+
+    def __init__(self, book: PriceBook, plans: TenantPlans) -> None:
+        self.book = book
+        self.plans = plans
+        self.usage: dict[tuple[str, str], Decimal] = {}
+
+    def add_usage(self, tenant_id: str, period: str, token_units: Decimal) -> None:
+        """Count stored usage (used when loading from the warehouse)."""
+        key = (tenant_id, period)
+        self.usage[key] = self.usage.get(key, ZERO) + token_units
+
+    def _period(self, event_ms: int, plan: str | None) -> str:
+        card = self.book.card_at(event_ms)
+        found = card.plans.get(plan) if (card is not None and plan is not None) else None
+        return period_key(event_ms, found.period if found is not None else "month")
+
+    def rate(self, accepted: list[Accepted]) -> tuple[list[Rated], list[tuple[Accepted, Unpriced]]]:
+        """Rate a batch in log order. Returns the rated events and the unpriced ones."""
+        rated: list[Rated] = []
+        unpriced: list[tuple[Accepted, Unpriced]] = []
+        plan_for = self.plans.plan_for
+        usage = self.usage
+        for acc in accepted:
+            rec = acc.record
+            plan = plan_for(rec["tenant_id"])
+            period = self._period(rec["event_time"], plan)
+            key = (rec["tenant_id"], period)
+            result = self.book.rate(rec, plan, usage.get(key, ZERO))
+            if isinstance(result, Unpriced):
+                unpriced.append((acc, result))
+                continue
+            if result.billable:
+                usage[key] = usage.get(key, ZERO) + result.tier_usage_tu
+            rated.append(Rated(acc, result, plan, period))
+        return rated, unpriced
