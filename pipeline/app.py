@@ -23,10 +23,12 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import faust
-from faust.types import EventT
+from faust.streams import Stream
+from faust.types import EventT, StreamT
+from mode.types.signals import BaseSignalT
 
 from pipeline.runtime import Pipeline
 from pipeline.settings import Settings
@@ -161,17 +163,24 @@ class Worker:
         dead = app.topic(s.topic_dead_letters, key_type=bytes, value_type=bytes)
 
         @app.agent(usage, concurrency=1, name="ingest")
-        async def ingest(stream: faust.StreamT) -> None:
-            async for events in stream.take_events(s.batch_max, within=s.batch_within_s):
+        async def ingest(stream: StreamT) -> None:
+            async for events in cast(Stream, stream).take_events(
+                s.batch_max, within=s.batch_within_s
+            ):
                 await self._run_batch(self.pipeline.process_usage, list(events))
 
         @app.agent(dead, concurrency=1, name="dead_letters")
-        async def dead_letters(stream: faust.StreamT) -> None:
-            async for events in stream.take_events(s.batch_max, within=s.batch_within_s):
+        async def dead_letters(stream: StreamT) -> None:
+            async for events in cast(Stream, stream).take_events(
+                s.batch_max, within=s.batch_within_s
+            ):
                 await self._run_batch(self.pipeline.process_dead_letters, list(events))
 
         @app.on_partitions_revoked.connect
-        async def on_revoked(app: faust.App, revoked: set[Any], **_: Any) -> None:
+        async def on_revoked(
+            sender: Any, /, *args: Any, signal: BaseSignalT[Any], **kwargs: Any
+        ) -> None:
+            revoked: set[Any] = args[0] if args else kwargs.get("revoked", set())
             parts = [tp.partition for tp in revoked if tp.topic == s.topic_usage]
             if parts and self._pipeline is not None:
                 await self.on_pipeline(self.pipeline.release_usage_partitions, parts)

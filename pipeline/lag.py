@@ -43,7 +43,7 @@ class LagReader:
     def partitions(self) -> list[TopicPartition]:
         """Every partition of the watched topics."""
         meta = self._consumer.list_topics(timeout=10)
-        out = []
+        out: list[TopicPartition] = []
         for topic in self.topics:
             if topic not in meta.topics or meta.topics[topic].error is not None:
                 raise KafkaException(f"topic {topic} does not exist (is the stack up?)")

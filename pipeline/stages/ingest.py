@@ -159,14 +159,14 @@ class IngestStage:
                 rejection = Rejection(exc.reason, Stage.DECODE, exc.detail)
                 result.dead_letters.append(dead_letter_for(msg, rejection, None))
                 continue
-            rejection = check_record(record, msg.timestamp_ms, self.rules)
+            invalid = check_record(record, msg.timestamp_ms, self.rules)
             # After the check (a blank id must be refused, not hashed), before anything
             # is kept: dead-letter payloads carry the pseudonym too.
             subscriber = record.get("subscriber_id")
             if isinstance(subscriber, str):
                 record["subscriber_id"] = pseudonymise(subscriber, self.key)
-            if rejection is not None:
-                result.dead_letters.append(dead_letter_for(msg, rejection, record))
+            if invalid is not None:
+                result.dead_letters.append(dead_letter_for(msg, invalid, record))
                 continue
             phash = payload_hash(record)
             decision = check(
