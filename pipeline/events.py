@@ -140,7 +140,7 @@ def check_record(rec: dict[str, Any], now_ms: int, rules: Rules) -> Rejection | 
                 Reason.UNKNOWN_ENUM,
                 f"{name}: {str(value)[:40]!r} is not one of {', '.join(sorted(allowed))}",
             )
-        if types is _STR:
+        if isinstance(value, str):  # the string fields (type checked above)
             if not value.strip():
                 return _reject(Reason.INVALID_VALUE, f"{name}: must not be empty")
             limit = 128 if name == "event_id" else _MAX_STRING
@@ -221,7 +221,12 @@ def parse_event_time(value: Any) -> int:
         frac = re.search(r"\.(\d+)", text)
         if frac and len(frac.group(1)) > 6:  # fromisoformat takes microseconds at most
             text = text.replace(frac.group(0), "." + frac.group(1)[:6])
-        parsed = datetime.fromisoformat(text)
+        try:
+            parsed = datetime.fromisoformat(text)
+        except ValueError as exc:  # well-formed but impossible: month 13, 24:00 offset, ...
+            raise ValueError(
+                f"event_time: {value.strip()[:40]!r} is not a valid date and time ({exc})"
+            ) from None
         return (parsed - _EPOCH) // timedelta(milliseconds=1)
     raise ValueError(f"event_time: expected RFC 3339 text or epoch milliseconds, got {value!r}")
 
@@ -309,14 +314,16 @@ def payload_hash(rec: dict[str, Any]) -> int:
     Two copies with the same dedup key and the same hash are exact duplicates; a
     different hash makes the later one a conflicting duplicate.
     """
-    h = hashlib.blake2b(digest_size=8)
-    for name in FIELD_NAMES:
-        value = rec.get(name)
-        if name == "attributes":
-            value = sorted((value or {}).items())
-        h.update(repr(value).encode())
-        h.update(b"\x1e")
-    return int.from_bytes(h.digest(), "big", signed=True)
+    attributes = rec.get("attributes")
+    text = "\x1e".join(
+        [repr(rec.get(name)) for name in _HASHED_FIELDS]
+        + [repr(sorted(attributes.items())) if attributes else "[]"]
+    )
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+_HASHED_FIELDS = tuple(name for name in FIELD_NAMES if name != "attributes")
 
 
 # ---- typed model for gateway code -------------------------------------------

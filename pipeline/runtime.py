@@ -195,20 +195,20 @@ class Pipeline:
         report.accepted -= len(unpriced)
         if rated:
             now = ingested_now()
+            events = usage_events_table(rated, now)
+            with_arrival = events.append_column(
+                "arrived_ms", pa.array([r.accepted.arrived_ms for r in rated], pa.int64())
+            )
             for table in ROLLUP_TABLES:
-                tracked = self.sink.tables[table]
-                todo = [
-                    r for r in rated
-                    if tracked.fresh(r.accepted.topic, r.accepted.partition, r.accepted.offset)
-                ]  # fmt: skip
-                if not todo:
+                todo = self.sink.tables[table].unstored(with_arrival)
+                if todo.num_rows == 0:
                     continue
                 if table == CORRECTIONS_TABLE:
                     data = corrections_table(todo, self.grace_ms, now)
                 else:
                     data = rollup_table(todo, table, self.grace_ms, now)
                 self.sink.write(table, data)
-            report.inserted = self.sink.write(USAGE_TABLE, usage_events_table(rated, now))
+            report.inserted = self.sink.write(USAGE_TABLE, events)
         if result.dead_letters:
             self.send_dead_letters(result.dead_letters)
             report.dead_letters.update(d.reason for d in result.dead_letters)

@@ -10,11 +10,11 @@ replay classifies every event the same way.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from datetime import datetime
-from decimal import Decimal
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.metering.plans import day_start_s, hour_start_s, minute_start_s
 from pipeline.stages.rate import Rated
@@ -68,80 +68,85 @@ def is_late(rated: Rated, grace_ms: int) -> bool:
     return rated.accepted.arrived_ms >= window_end_ms + grace_ms
 
 
-def rollup_table(
-    rated: Sequence[Rated], grain: str, grace_ms: int, ingested_at: datetime
-) -> pa.Table:
-    """Aggregate a batch into delta rows for one rollup table."""
-    start_of = GRAINS[grain]
-    acc: dict[tuple[object, ...], list[object]] = {}
-    for r in rated:
-        a = r.accepted
-        rec = a.record
-        key = (
-            start_of(rec["event_time"]),
-            rec["tenant_id"], rec["reporting_carrier"], rec["home_carrier"],
-            rec["serving_carrier"], rec["model_id"], rec["channel"],
-            "late" if is_late(r, grace_ms) else "stream",
-            a.topic, a.partition,
-        )  # fmt: skip
-        row = acc.get(key)
-        if row is None:
-            row = acc[key] = [0, 0, 0, 0, 0, 0, Decimal(0), Decimal(0), -1]
-        row[0] += 1  # type: ignore[operator]
-        row[1] += 1 if r.rating.billable else 0  # type: ignore[operator]
-        row[2] += rec["input_tokens"]  # type: ignore[operator]
-        row[3] += rec["output_tokens"]  # type: ignore[operator]
-        row[4] += rec["cached_tokens"]  # type: ignore[operator]
-        row[5] += rec["reasoning_tokens"]  # type: ignore[operator]
-        row[6] += r.rating.token_units  # type: ignore[operator]
-        row[7] += r.rating.amount  # type: ignore[operator]
-        row[8] = max(row[8], a.offset)  # type: ignore[call-overload]
-    keys = list(acc)
-    vals = [acc[k] for k in keys]
-    cols: dict[str, list[object]] = {"period_start": [k[0] for k in keys]}
-    for i, dim in enumerate(_DIMS, start=1):
-        cols[dim] = [k[i] for k in keys]
-    for i, name in enumerate(("events", "billable_events", *_COUNTS, "token_units", "amount")):
-        cols[name] = [v[i] for v in vals]
-    cols["kind"] = [k[7] for k in keys]
-    cols["topic"] = [k[8] for k in keys]
-    cols["partition"] = [k[9] for k in keys]
-    cols["offset"] = [v[8] for v in vals]
-    cols["ingested_at"] = [ingested_at] * len(keys)
-    return pa.table(cols, schema=ROLLUP)
+_BEIJING_S = 8 * 3600
 
 
-def corrections_table(rated: Sequence[Rated], grace_ms: int, ingested_at: datetime) -> pa.Table:
-    """One row per late event."""
-    late = [r for r in rated if is_late(r, grace_ms)]
-    recs = [r.accepted.record for r in late]
+def _period_starts(ms: pa.Array, grain: str) -> pa.Array:
+    """Window start (epoch seconds) per event, vectorised; see plans.*_start_s."""
+    secs = pc.divide(ms, 1000)  # integer division: event times are after 1970
+    if grain == "usage_minute":
+        return pc.multiply(pc.divide(secs, 60), 60)
+    if grain == "usage_hour":
+        return pc.multiply(pc.divide(secs, 3600), 3600)
+    local_day = pc.divide(pc.add(secs, _BEIJING_S), 86_400)
+    return pc.subtract(pc.multiply(local_day, 86_400), _BEIJING_S)
+
+
+def late_mask(events: pa.Table, grace_ms: int) -> pa.Array:
+    """Per row of a usage_events batch (with ``arrived_ms``): was its window closed?"""
+    ms = pc.cast(events.column("event_time"), pa.int64())
+    window_end = pc.multiply(pc.add(pc.divide(ms, 60_000), 1), 60_000)
+    return pc.greater_equal(events.column("arrived_ms"), pc.add(window_end, grace_ms))
+
+
+def rollup_table(events: pa.Table, grain: str, grace_ms: int, ingested_at: datetime) -> pa.Table:
+    """Aggregate a usage_events batch (plus ``arrived_ms``) into delta rows for one
+    rollup table, with Arrow's group-by (no Python loop per event)."""
+    if grain not in GRAINS:
+        raise KeyError(grain)
+    ms = pc.cast(events.column("event_time"), pa.int64())
+    work = pa.table(
+        {
+            "period_start": _period_starts(ms, grain),
+            **{d: events.column(d) for d in _DIMS},
+            "kind": pc.if_else(late_mask(events, grace_ms), "late", "stream"),
+            "topic": events.column("topic"),
+            "partition": events.column("partition"),
+            "billable_events": pc.cast(events.column("billable"), pa.int64()),
+            **{c: pc.cast(events.column(c), pa.int64()) for c in _COUNTS},
+            "token_units": events.column("token_units"),
+            "amount": events.column("amount"),
+            "offset": events.column("offset"),
+        }
+    )
+    keys = ["period_start", *_DIMS, "kind", "topic", "partition"]
+    grouped = work.group_by(keys, use_threads=False).aggregate(
+        [("offset", "count"), ("billable_events", "sum")]
+        + [(c, "sum") for c in _COUNTS]
+        + [("token_units", "sum"), ("amount", "sum"), ("offset", "max")]
+    )
+    n = grouped.num_rows
     return pa.table(
         {
-            "event_id": [x["event_id"] for x in recs],
-            "reporting_carrier": [x["reporting_carrier"] for x in recs],
-            "event_time": [x["event_time"] for x in recs],
-            "window_start": [minute_start_s(x["event_time"]) for x in recs],
-            "arrived_at": [r.accepted.arrived_ms for r in late],
-            "lateness_s": [
-                (
-                    r.accepted.arrived_ms
-                    - (minute_start_s(x["event_time"]) * 1000 + 60_000 + grace_ms)
-                )
-                / 1000
-                for r, x in zip(late, recs, strict=True)
-            ],
-            "tenant_id": [x["tenant_id"] for x in recs],
-            "home_carrier": [x["home_carrier"] for x in recs],
-            "serving_carrier": [x["serving_carrier"] for x in recs],
-            "model_id": [x["model_id"] for x in recs],
-            "channel": [x["channel"] for x in recs],
-            **{c: [x[c] for x in recs] for c in _COUNTS},
-            "token_units": [r.rating.token_units for r in late],
-            "amount": [r.rating.amount for r in late],
-            "topic": [r.accepted.topic for r in late],
-            "partition": [r.accepted.partition for r in late],
-            "offset": [r.accepted.offset for r in late],
-            "ingested_at": [ingested_at] * len(late),
+            "period_start": pc.cast(grouped.column("period_start"), pa.int64()).cast(PERIOD),
+            **{d: grouped.column(d) for d in _DIMS},
+            "events": grouped.column("offset_count"),
+            "billable_events": grouped.column("billable_events_sum"),
+            **{c: grouped.column(f"{c}_sum") for c in _COUNTS},
+            "token_units": grouped.column("token_units_sum").cast(DEC),
+            "amount": grouped.column("amount_sum").cast(DEC),
+            "kind": grouped.column("kind"),
+            "topic": grouped.column("topic"),
+            "partition": grouped.column("partition"),
+            "offset": grouped.column("offset_max"),
+            "ingested_at": pa.array([ingested_at] * n, TS),
         },
-        schema=CORRECTIONS,
+        schema=ROLLUP,
     )
+
+
+def corrections_table(events: pa.Table, grace_ms: int, ingested_at: datetime) -> pa.Table:
+    """One row per late event of a usage_events batch (plus ``arrived_ms``)."""
+    late = events.filter(late_mask(events, grace_ms))
+    ms = pc.cast(late.column("event_time"), pa.int64())
+    window_start = _period_starts(ms, "usage_minute")
+    closed_ms = pc.add(pc.add(pc.multiply(window_start, 1000), 60_000), grace_ms)
+    lateness = pc.divide(
+        pc.cast(pc.subtract(late.column("arrived_ms"), closed_ms), pa.float64()), 1000.0
+    )
+    cols = {name: late.column(name) for name in CORRECTIONS.names if name in late.column_names}
+    cols["window_start"] = pc.cast(window_start, pa.int64()).cast(PERIOD)
+    cols["arrived_at"] = pc.cast(late.column("arrived_ms"), pa.int64()).cast(TS)
+    cols["lateness_s"] = lateness
+    cols["ingested_at"] = pa.array([ingested_at] * late.num_rows, TS)
+    return pa.table({name: cols[name] for name in CORRECTIONS.names}, schema=CORRECTIONS)

@@ -7,6 +7,9 @@ runs; other commands reach the data through the worker's read-only query endpoin
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -41,7 +44,9 @@ class EmbeddedWarehouse:
         try:
             self._session = chdb_session.Session(str(path))
         except (ChdbError, RuntimeError) as exc:
-            if "lock" in str(exc).lower():
+            # chdb prints "Cannot lock file .../status" to stderr but raises only
+            # "Error initializing EmbeddedServer", so ask the lock itself.
+            if "lock" in str(exc).lower() or _held_by_another_process(path):
                 raise WarehouseLockedError(
                     f"the embedded warehouse at {path} is open in another process "
                     "(is `tokenmeter worker` running?)"
@@ -73,8 +78,15 @@ class EmbeddedWarehouse:
     def query_readonly(self, sql: str) -> pa.Table:
         """An analyst's query under ``readonly=1``. SELECT-like statements run as a
         subquery so the setting applies whatever the text ends with."""
-        text = strip_statement(sql)
-        kind = self._statement_kind(text)
+        text = self._single_statement(strip_statement(sql))
+        ast = self._explain_ast(text)
+        kind = ast[0].split(" ", 1)[0] if ast else ""
+        if kind == "DescribeQuery" and len(ast) > 2 and ast[2].strip().startswith("Function "):
+            # readonly=1 does not stop DESCRIBE from reading a table function's source
+            # (DESCRIBE file('/etc/passwd', 'TSVWithNames') shows its first line).
+            raise ReadOnlyViolationError(
+                "read-only access: DESCRIBE of a table function is not allowed"
+            )
         if kind in ("SelectWithUnionQuery", "SelectIntersectExceptQuery"):
             return self.query_arrow(f"SELECT * FROM (\n{text}\n) SETTINGS readonly = 1")
         if kind.startswith(_READ_STATEMENTS):
@@ -83,10 +95,26 @@ class EmbeddedWarehouse:
             "read-only access: only SELECT, SHOW, DESCRIBE, EXPLAIN and EXISTS statements"
         )
 
-    def _statement_kind(self, text: str) -> str:
+    def _single_statement(self, text: str) -> str:
+        # chdb runs every statement of a multi-statement text, so "SELECT 1; DROP ..."
+        # must never reach it as SQL. ClickHouse's own formatter, given the text as a
+        # bound parameter, refuses several statements and returns one canonical
+        # statement (comments dropped), which is what runs from here on.
+        try:
+            formatted = self._call(
+                "SELECT formatQuery({sql:String})", "TabSeparatedRaw", {"sql": text}
+            )
+        except WarehouseError as exc:
+            if "multi-statements" in str(exc).lower():
+                raise ReadOnlyViolationError(
+                    "read-only access: one statement at a time"
+                ) from None
+            raise
+        return str(formatted).strip()
+
+    def _explain_ast(self, text: str) -> list[str]:
         ast = self._call(f"EXPLAIN AST {text}", "TabSeparatedRaw")
-        first = str(ast).lstrip().split("\n", 1)[0]
-        return first.split(" ", 1)[0].strip()
+        return [line for line in str(ast).split("\n") if line.strip()]
 
     def insert_arrow(self, table: str, data: pa.Table, dedup_token: str | None = None) -> int:
         """Insert one Arrow block via the ``ArrowStream`` format."""
@@ -114,6 +142,23 @@ class EmbeddedWarehouse:
         """Close the session and release the directory lock."""
         with self._lock:
             self._session.close()
+
+
+def _held_by_another_process(path: Path) -> bool:
+    """True if another process holds the engine's lock on ``path/status`` (a flock)."""
+    try:
+        fd = os.open(path / "status", os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        return exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
 
 
 def _first_line(message: str) -> str:

@@ -18,7 +18,14 @@ from pipeline.warehouse.base import WarehouseError, strip_statement
 
 def parse_url(url: str) -> dict[str, Any]:
     """Split a ``clickhouse://`` URL into clickhouse-connect's keyword arguments."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises for a port that is not a number in 0..65535
+    except ValueError:
+        raise WarehouseError(
+            "TOKENMETER_WAREHOUSE_URL: not a valid URL "
+            "(expected clickhouse://user:pass@host:8123/db)"
+        ) from None
     if parts.scheme not in ("clickhouse", "clickhouses"):
         raise WarehouseError(
             "TOKENMETER_WAREHOUSE_URL: expected clickhouse://user:pass@host:8123/db"
@@ -27,7 +34,7 @@ def parse_url(url: str) -> dict[str, Any]:
         raise WarehouseError("TOKENMETER_WAREHOUSE_URL: no host")
     return {
         "host": parts.hostname,
-        "port": parts.port or (8443 if parts.scheme == "clickhouses" else 8123),
+        "port": port or (8443 if parts.scheme == "clickhouses" else 8123),
         "username": unquote(parts.username or "default"),
         "password": unquote(parts.password or ""),
         "database": parts.path.lstrip("/") or "default",
@@ -37,7 +44,10 @@ def parse_url(url: str) -> dict[str, Any]:
 
 def redact_url(url: str) -> str:
     """The URL with its password replaced, safe for logs and output."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable TOKENMETER_WAREHOUSE_URL>"
     if parts.password is None:
         return url
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
