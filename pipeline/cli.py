@@ -331,6 +331,63 @@ def _print_lag(lags: Any) -> None:
     err_console.print(table)
 
 
+# ---- dead letters ----------------------------------------------------------------
+
+dlq_app = typer.Typer(help="Inspect and replay dead letters.", no_args_is_help=True)
+app.add_typer(dlq_app, name="dlq")
+
+
+@dlq_app.command("list")
+def dlq_list(
+    ctx: typer.Context,
+    reason: Annotated[str | None, typer.Option(help="Only this reason.")] = None,
+    since: Annotated[
+        str | None, typer.Option(help="Only letters failed at/after this time.")
+    ] = None,
+) -> None:
+    """Dead letters by reason and stage, with first and last occurrence."""
+    from pipeline.dlq import summary
+
+    try:
+        rows = summary(_settings(ctx), reason, since)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    table = Table("reason", "stage", "letters", "first", "last")
+    table.columns[2].justify = "right"
+    for r in rows:
+        table.add_row(
+            r["reason"], r["stage"], f"{int(r['letters']):,}", str(r["first"]), str(r["last"])
+        )
+    console.print(table)
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    ctx: typer.Context,
+    reason: Annotated[str, typer.Option(help="Replay the letters with this reason.")],
+    since: Annotated[
+        str | None, typer.Option(help="Only letters failed at/after this time.")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(min=1)] = None,
+) -> None:
+    """Re-submit dead letters (e.g. `unpriced` after a price card fix). Already counted
+    events stay counted once; letters still invalid are reported and left in place."""
+    from pipeline.dlq import replay
+
+    try:
+        result = replay(_settings(ctx), reason, since, limit)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    table = Table(show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_row("selected", f"{result.selected:,}")
+    table.add_row("re-sent", f"{result.sent:,}")
+    for why, n in sorted(result.still_invalid.items()):
+        table.add_row(f"still invalid ({why})", f"{n:,}")
+    console.print(table)
+
+
 # ---- demo ------------------------------------------------------------------------
 
 

@@ -199,12 +199,13 @@ def rerate_command(
         raise typer.Exit(2) from None
     try:
         wh = open_warehouse(settings)
-    except WarehouseLockedError as exc:
+    except WarehouseLockedError:
         _error(
             err,
-            f"stop the worker first: {exc}. `tokenmeter rerate` needs the embedded "
-            "warehouse to itself; start the worker again afterwards (with the fixed price "
-            "cards).",
+            f"stop the worker first: the embedded warehouse ({settings.warehouse_path}) is "
+            "open in another process, usually `tokenmeter worker`, and `tokenmeter rerate` "
+            "needs it to itself. Run rerate again once the worker has stopped, then start "
+            "the worker with the fixed price cards.",
         )
         raise typer.Exit(2) from None
     console = Console(highlight=False)

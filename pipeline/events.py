@@ -114,6 +114,7 @@ FIELDS: dict[str, tuple[tuple[type, ...], bool, frozenset[str] | None]] = {
 FIELD_NAMES: tuple[str, ...] = tuple(FIELDS)
 _MAX_STRING = 256  # generous bound for ids and labels; event_id has its own (128)
 _MAX_ATTRIBUTES = 64
+_MAX_LONG = 2**63 - 1
 
 
 def _reject(reason: Reason, detail: str) -> Rejection:
@@ -157,6 +158,8 @@ def check_record(rec: dict[str, Any], now_ms: int, rules: Rules) -> Rejection | 
     latency = rec.get("latency_ms")
     if latency is not None and latency < 0:
         return _reject(Reason.INVALID_VALUE, f"latency_ms: {latency} is negative")
+    if latency is not None and latency > _MAX_LONG:  # would not fit Avro's long
+        return _reject(Reason.INVALID_VALUE, f"latency_ms: {latency} is out of range")
     attributes = rec.get("attributes") or {}
     if len(attributes) > _MAX_ATTRIBUTES:
         return _reject(Reason.INVALID_VALUE, f"attributes: more than {_MAX_ATTRIBUTES} labels")

@@ -134,16 +134,16 @@ class AvroCodec:
     def encode(self, record: dict[str, Any]) -> bytes:
         """One record to single-object-encoded bytes. Raises ``ValueError`` if the record
         does not fit the schema (wrong type, missing field)."""
-        buf = io.BytesIO()
-        buf.write(MAGIC)
-        buf.write(self._write_fp)
-        fastavro.schemaless_writer(buf, self._write_schema, record, strict_allow_default=True)
-        return buf.getvalue()
+        return MAGIC + self._write_fp + self.encode_body(record)
 
     def encode_body(self, record: dict[str, Any]) -> bytes:
-        """The Avro binary body alone (for other framings, e.g. Confluent's)."""
+        """The Avro binary body alone (for other framings, e.g. Confluent's). Raises
+        ``ValueError`` like ``encode``."""
         buf = io.BytesIO()
-        fastavro.schemaless_writer(buf, self._write_schema, record, strict_allow_default=True)
+        try:
+            fastavro.schemaless_writer(buf, self._write_schema, record, strict_allow_default=True)
+        except (TypeError, OverflowError) as exc:  # fastavro's words for a mistyped field
+            raise ValueError(str(exc)) from None
         return buf.getvalue()
 
     def decode(self, data: bytes) -> dict[str, Any]:

@@ -6,6 +6,7 @@
   as ``{"columns": [...], "rows": [[...], ...]}``. This is how ``tokenmeter sql``
   reaches the embedded warehouse while the worker holds it; the engine enforces
   ``readonly=1``.
+- ``GET  /metrics``: Prometheus metrics (``pipeline/metrics.py``), text format.
 """
 
 from __future__ import annotations
@@ -94,3 +95,14 @@ def register_pages(app: faust.App, worker: Worker) -> None:
                 "rows": [list(r.values()) for r in table.to_pylist()],
             }
             return self.text(dumps(payload), content_type="application/json")
+
+    @app.page("/metrics")
+    class Metrics(View):
+        async def get(self, request: Request) -> Response:
+            metrics = getattr(worker, "metrics", None)
+            if metrics is None:
+                return self.error(503, "metrics are not enabled in this worker")
+            # Rendering reads counters in memory only (consumer lag is read from Kafka on
+            # the metrics thread), so it is safe on the event loop.
+            body, content_type = metrics.render(request.headers.get("Accept", ""))
+            return self.bytes(body, headers={"Content-Type": content_type})

@@ -64,7 +64,12 @@ class ServerWarehouse:
         self._args = parse_url(url)
         if client is None:
             try:
-                client = clickhouse_connect.get_client(**self._args)
+                # No HTTP session: the worker's query endpoint and its pipeline thread
+                # call concurrently, and clickhouse-connect refuses concurrent queries
+                # within one session.
+                client = clickhouse_connect.get_client(
+                    **self._args, autogenerate_session_id=False
+                )
             except (ClickHouseError, OSError) as exc:
                 raise WarehouseError(f"cannot reach {self.location}: {exc}") from None
         self._client = client
