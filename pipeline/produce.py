@@ -91,8 +91,10 @@ class UsageProducer:
         pseudonym_key: bytes,
         codec: AvroCodec | None = None,
         rules: Rules | None = None,
+        confluent_framing: bool = False,
     ) -> None:
         self._producer = producer
+        self._confluent = confluent_framing
         self.topic = topic
         self._key = pseudonym_key
         self.codec = codec or AvroCodec()
@@ -102,10 +104,15 @@ class UsageProducer:
     @classmethod
     def from_settings(cls, settings: Settings, **config: Any) -> UsageProducer:
         """A producer for the configured broker and the usage topic."""
+        codec = AvroCodec()
+        if settings.schema_registry_url:
+            codec.use_registry(settings.registry_client(), f"{settings.topic_usage}-value")
         return cls(
             Producer(producer_config(settings, **config)),
             settings.topic_usage,
             settings.pseudonym_secret(),
+            codec=codec,
+            confluent_framing=settings.wire_format == "confluent",
             rules=Rules(
                 lateness_limit_ms=settings.lateness_limit_s * 1000,
                 future_skew_ms=settings.future_skew_s * 1000,
@@ -136,7 +143,8 @@ class UsageProducer:
             raise InvalidEventError(rejection)
         record = dict(record)
         record["subscriber_id"] = pseudonymise(record["subscriber_id"], self._key)
-        self.send_raw(record["tenant_id"].encode(), self.codec.encode(record))
+        encode = self.codec.encode_confluent if self._confluent else self.codec.encode
+        self.send_raw(record["tenant_id"].encode(), encode(record))
 
     def send_raw(self, key: bytes | None, value: bytes) -> None:
         """Send bytes as they are (used by the simulator for deliberately bad input)."""

@@ -85,6 +85,8 @@ class Pipeline:
         self.settings = settings
         self.wh = wh if wh is not None else open_warehouse(settings)
         self.codec = AvroCodec()
+        if settings.schema_registry_url:
+            self.codec.use_registry(settings.registry_client(), f"{settings.topic_usage}-value")
         self.dl_codec = AvroCodec("dead_letter")
         self.key = settings.pseudonym_secret()
         self.rules = Rules(

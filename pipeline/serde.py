@@ -117,6 +117,7 @@ class AvroCodec:
         self._write_schema = self._writers[self._write_fp].parsed
         self._reader_schema = self._write_schema
         self.field_names = [f["name"] for f in raw[self.write_version]["fields"]]
+        self._registry: Any = None
 
     @property
     def fingerprint(self) -> bytes:
@@ -146,12 +147,59 @@ class AvroCodec:
             raise ValueError(str(exc)) from None
         return buf.getvalue()
 
+    def use_registry(self, client: Any, subject: str) -> None:
+        """Also read (and write) Confluent wire format: ``00`` + 4-byte schema id +
+        body, with writer schemas looked up in a Schema Registry (``client`` is a
+        ``confluent_kafka.schema_registry`` client; ``mock://`` works for tests). Both
+        framings are then accepted side by side, which lets producers migrate."""
+        self._registry = client
+        self._subject = subject
+        self._registry_writers: dict[int, Schema | None] = {}
+        self._registry_id: int | None = None
+
+    def encode_confluent(self, record: dict[str, Any]) -> bytes:
+        """One record in Confluent wire format (registers the schema on first use)."""
+        if self._registry is None:
+            raise RuntimeError("no schema registry configured")
+        if self._registry_id is None:
+            from confluent_kafka.schema_registry import Schema as RegistrySchema
+
+            text = json.dumps(self.schema())
+            self._registry_id = int(
+                self._registry.register_schema(self._subject, RegistrySchema(text, "AVRO"))
+            )
+        return b"\x00" + struct.pack(">I", self._registry_id) + self.encode_body(record)
+
+    def _registry_writer(self, schema_id: int) -> Schema | None:
+        if schema_id not in self._registry_writers:
+            from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+            try:
+                found = self._registry.get_schema(schema_id)
+            except SchemaRegistryError as exc:
+                if exc.http_status_code == 404:
+                    self._registry_writers[schema_id] = None
+                    return None
+                raise  # registry down: not the event's fault; the batch is retried
+            raw = json.loads(found.schema_str)
+            self._registry_writers[schema_id] = fastavro.parse_schema(_strip_logical_types(raw))
+        return self._registry_writers[schema_id]
+
     def decode(self, data: bytes) -> dict[str, Any]:
-        """Single-object-encoded bytes to a record in the reader's shape.
+        """Single-object-encoded (or, with a registry, Confluent-framed) bytes to a
+        record in the reader's shape.
 
         Raises ``DecodeError`` (reason ``undecodable`` or ``unknown_schema``) for
         anything else: wrong magic, unknown fingerprint, truncated or trailing bytes.
         """
+        if self._registry is not None and len(data) >= 5 and data[0] == 0:
+            schema_id = struct.unpack(">I", data[1:5])[0]
+            writer_schema = self._registry_writer(schema_id)
+            if writer_schema is None:
+                raise DecodeError(
+                    Reason.UNKNOWN_SCHEMA, f"payload: schema id {schema_id} is not in the registry"
+                )
+            return self.decode_body(data[5:], writer_schema)
         if len(data) < _HEADER or data[:2] != MAGIC:
             raise DecodeError(
                 Reason.UNDECODABLE, "payload: not Avro single-object encoding (no C3 01 marker)"

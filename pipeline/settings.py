@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "TOKENMETER_"
@@ -54,6 +54,11 @@ class Settings(BaseSettings):
     tenant_plans: Path | None = Field(default=REPO_ROOT / "config" / "tenant_plans.yaml")
     window_grace_s: int = Field(default=300, ge=0, le=86_400)
 
+    # wire format: Avro single-object encoding (built-in schema ids) or Confluent framing
+    # with a Schema Registry; the worker reads both when a registry is configured
+    wire_format: Literal["single_object", "confluent"] = "single_object"
+    schema_registry_url: str = ""
+
     # worker batching
     batch_max: int = Field(default=5000, ge=1, le=500_000)
     batch_within_s: float = Field(default=0.5, gt=0)
@@ -61,6 +66,12 @@ class Settings(BaseSettings):
 
     # security
     pseudonym_key: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _registry_for_confluent(self) -> Settings:
+        if self.wire_format == "confluent" and not self.schema_registry_url:
+            raise ValueError("wire_format confluent needs TOKENMETER_SCHEMA_REGISTRY_URL")
+        return self
 
     @field_validator("web_host")
     @classmethod
@@ -89,6 +100,12 @@ class Settings(BaseSettings):
     @property
     def web_url(self) -> str:
         return f"http://{self.web_host}:{self.web_port}"
+
+    def registry_client(self) -> Any:
+        """A Schema Registry client for ``schema_registry_url`` (``mock://`` in tests)."""
+        from confluent_kafka.schema_registry import SchemaRegistryClient
+
+        return SchemaRegistryClient.new_client({"url": self.schema_registry_url})
 
     def pseudonym_secret(self) -> bytes:
         """The HMAC key for subscriber ids.

@@ -5,6 +5,7 @@ File format (YAML, ``config/tenant_plans.yaml`` by default)::
     default: null          # plan for unlisted tenants; null = list price
     tenants:
       tn-cmcc-0001: enterprise
+      tn-cmcc-0002: null   # list price, whatever the default
 
 Pure logic and a loader; a bad file raises ``PlansError`` naming the file and setting.
 """
@@ -30,7 +31,7 @@ class TenantPlans:
     """tenant_id -> plan name, with a default."""
 
     default: str | None = None
-    tenants: dict[str, str] = field(default_factory=dict)
+    tenants: dict[str, str | None] = field(default_factory=dict)
 
     def plan_for(self, tenant_id: str) -> str | None:
         """The tenant's plan, or ``None`` for list price."""
@@ -52,12 +53,17 @@ def load_plans(path: Path | None) -> TenantPlans:
         raise PlansError(f"{path.name}: {sorted(unknown)[0]}: unknown setting")
     default = data.get("default")
     tenants = data.get("tenants") or {}
-    if default is not None and not isinstance(default, str):
+    if default is not None and not (isinstance(default, str) and default.strip()):
         raise PlansError(f"{path.name}: default: must be a plan name or null")
-    if not isinstance(tenants, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in tenants.items()
-    ):
+    if not isinstance(tenants, dict):
         raise PlansError(f"{path.name}: tenants: must map tenant ids to plan names")
+    for tenant, plan in tenants.items():
+        if not isinstance(tenant, str):
+            raise PlansError(
+                f"{path.name}: tenants: {tenant!r}: a tenant id must be text (quote it)"
+            )
+        if plan is not None and not (isinstance(plan, str) and plan.strip()):
+            raise PlansError(f"{path.name}: tenants.{tenant}: must be a plan name or null")
     return TenantPlans(default, dict(tenants))
 
 
