@@ -14,7 +14,6 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 from pipeline.events import Reason, Rules, check_record, now_ms
 from pipeline.serde import AvroCodec, DecodeError
 
-
 NOW = now_ms()
 
 
