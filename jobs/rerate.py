@@ -88,7 +88,7 @@ import pyarrow as pa
 from pipeline.metering.plans import BEIJING, TenantPlans
 from pipeline.metering.pricing import PriceBook, Unpriced, price_lines_rows
 from pipeline.stages.ingest import Accepted
-from pipeline.stages.rate import RateStage, Rated
+from pipeline.stages.rate import Rated, RateStage
 from pipeline.stages.window import GRAINS, ROLLUP
 from pipeline.warehouse.base import Warehouse, WarehouseError, quote_ident, quote_literal
 
@@ -118,6 +118,7 @@ _MUTATION_WAIT_S = 600.0
 
 DEC = pa.decimal128(38, 6)
 TS = pa.timestamp("ms", tz="UTC")
+
 
 def _rating_type(column: str) -> pa.DataType:
     if column in _DECIMAL_RATING:
@@ -349,9 +350,7 @@ def _latest_runs(wh: Warehouse, run_ids: list[str] | None = None) -> dict[str, d
         if not run_ids:
             return {}
         where = f"WHERE run_id IN ({', '.join(quote_literal(r) for r in run_ids)})"
-    result = wh.query_arrow(
-        f"SELECT * FROM {RUNS_TABLE} FINAL {where} ORDER BY run_id"
-    )
+    result = wh.query_arrow(f"SELECT * FROM {RUNS_TABLE} FINAL {where} ORDER BY run_id")
     return {r["run_id"]: r for r in result.to_pylist()} if result.num_rows else {}
 
 

@@ -163,6 +163,8 @@ def produce(
     summary.add_column(justify="right")
     summary.add_row("events sent", f"{sent:,}")
     summary.add_row("delivered", f"{delivered:,}")
+    if producer.spooled:
+        summary.add_row("spooled (Kafka unreachable)", f"{producer.spooled:,}")
     summary.add_row("bad lines", f"{len(problems):,}")
     console.print(summary)
     if problems:
@@ -329,6 +331,38 @@ def _print_lag(lags: Any) -> None:
     for p in lags:
         table.add_row(p.topic, str(p.partition), f"{p.end:,}", f"{p.committed:,}", f"{p.lag:,}")
     err_console.print(table)
+
+
+# ---- spool -----------------------------------------------------------------------
+
+spool_app = typer.Typer(help="The producer's on-disk spool (used while Kafka is down).")
+app.add_typer(spool_app, name="spool")
+
+
+@spool_app.command("status")
+def spool_status(ctx: typer.Context) -> None:
+    """How many messages wait in the spool, and where."""
+    from pipeline.spool import Spool
+
+    settings = _settings(ctx)
+    spool = Spool(settings.spool_path, settings.spool_max_mb << 20)
+    console.print(
+        f"{len(spool):,} message(s) in {len(spool.segments())} segment(s), "
+        f"{spool.size():,} bytes, at {spool.directory}"
+    )
+
+
+@spool_app.command("drain")
+def spool_drain(ctx: typer.Context) -> None:
+    """Send spooled messages to Kafka now (exit 1 if the broker is still unreachable)."""
+    from pipeline.produce import UsageProducer
+
+    producer = UsageProducer.from_settings(_settings(ctx))
+    sent = producer.drain()
+    left = len(producer.spool) if producer.spool is not None else 0
+    console.print(f"re-sent {sent:,} message(s); {left:,} left in the spool")
+    if left:
+        raise typer.Exit(1)
 
 
 # ---- dead letters ----------------------------------------------------------------

@@ -249,9 +249,7 @@ class WorkerMetrics:
         with self._start_lock:
             if self._thread is not None or (self._lag_source is None and self._settings is None):
                 return
-            self._thread = threading.Thread(
-                target=self._poll_lag, name="metrics-lag", daemon=True
-            )
+            self._thread = threading.Thread(target=self._poll_lag, name="metrics-lag", daemon=True)
             self._thread.start()
 
     def close(self) -> None:

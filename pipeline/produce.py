@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from pipeline.events import (
     Rejection,
@@ -37,6 +37,7 @@ from pipeline.events import (
 )
 from pipeline.serde import AvroCodec
 from pipeline.settings import Settings
+from pipeline.spool import Spool
 
 
 class InvalidEventError(ValueError):
@@ -77,8 +78,26 @@ def producer_config(settings: Settings, **extra: Any) -> dict[str, Any]:
 @dataclass
 class _Tally:
     delivered: int = 0
+    spooled: int = 0
     failures: list[str] = field(default_factory=list)
+    retriable: list[tuple[bytes | None, bytes]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+# Failures that waiting fixes (broker down, network, purged after the spool deadline):
+# these messages go to the spool instead of failing the caller.
+_RETRIABLE = {
+    KafkaError._MSG_TIMED_OUT,
+    KafkaError._TRANSPORT,
+    KafkaError._ALL_BROKERS_DOWN,
+    KafkaError._PURGE_QUEUE,
+    KafkaError._PURGE_INFLIGHT,
+    KafkaError._TIMED_OUT,
+    KafkaError.NOT_LEADER_FOR_PARTITION,
+    KafkaError.LEADER_NOT_AVAILABLE,
+    KafkaError.REQUEST_TIMED_OUT,
+    KafkaError.NETWORK_EXCEPTION,
+}
 
 
 class UsageProducer:
@@ -92,9 +111,13 @@ class UsageProducer:
         codec: AvroCodec | None = None,
         rules: Rules | None = None,
         confluent_framing: bool = False,
+        spool: Spool | None = None,
+        spool_after_s: float = 10.0,
     ) -> None:
         self._producer = producer
         self._confluent = confluent_framing
+        self.spool = spool
+        self.spool_after_s = spool_after_s
         self.topic = topic
         self._key = pseudonym_key
         self.codec = codec or AvroCodec()
@@ -113,6 +136,8 @@ class UsageProducer:
             settings.pseudonym_secret(),
             codec=codec,
             confluent_framing=settings.wire_format == "confluent",
+            spool=Spool(settings.spool_path, settings.spool_max_mb << 20),
+            spool_after_s=settings.spool_after_s,
             rules=Rules(
                 lateness_limit_ms=settings.lateness_limit_s * 1000,
                 future_skew_ms=settings.future_skew_s * 1000,
@@ -125,10 +150,17 @@ class UsageProducer:
         """Messages Kafka acknowledged so far."""
         return self._tally.delivered
 
+    @property
+    def spooled(self) -> int:
+        """Messages written to the spool so far (Kafka was unreachable)."""
+        return self._tally.spooled
+
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         with self._tally.lock:
             if err is None:
                 self._tally.delivered += 1
+            elif self.spool is not None and err.code() in _RETRIABLE:
+                self._tally.retriable.append((msg.key(), msg.value() or b""))
             else:
                 self._tally.failures.append(f"{err.name()}: {err.str()}")
 
@@ -159,17 +191,68 @@ class UsageProducer:
         self._producer.poll(0)
 
     def flush(self, timeout: float = 60.0) -> int:
-        """Wait for every sent message. Returns the delivered count; raises
-        ``DeliveryError`` listing failures (and anything still unsent at the timeout)."""
-        remaining = self._producer.flush(timeout)
+        """Make everything sent so far safe. Returns the delivered count.
+
+        With a spool (the default from ``from_settings``), what Kafka has not
+        acknowledged after ``spool_after_s`` is written to disk and counts as accepted;
+        it is re-sent by ``drain`` once the broker answers. Without one, or for failures
+        that waiting cannot fix (e.g. a message too large), raises ``DeliveryError``."""
+        self.drain()
+        wait = min(timeout, self.spool_after_s) if self.spool is not None else timeout
+        remaining = self._producer.flush(wait)
+        if remaining and self.spool is not None:
+            # Give up on the broker for now: fail what is queued or in flight, so the
+            # delivery callbacks hand the messages back, and keep them on disk.
+            self._producer.purge(in_queue=True, in_flight=True, blocking=False)
+            remaining = self._producer.flush(5)
         with self._tally.lock:
             failures = list(self._tally.failures)
             self._tally.failures.clear()
+            keep = list(self._tally.retriable)
+            self._tally.retriable.clear()
+        if keep and self.spool is not None:
+            self.spool.append(keep)
+            self._tally.spooled += len(keep)
         if remaining:
             failures.append(f"{remaining} message(s) still queued after {timeout:.0f} s")
         if failures:
             raise DeliveryError(failures)
         return self._tally.delivered
+
+    def drain(self, timeout: float = 30.0) -> int:
+        """Re-send spooled messages if the broker answers. Returns how many were sent
+        and acknowledged; a segment is deleted only when all its records were."""
+        if self.spool is None or not self.spool.segments():
+            return 0
+        try:
+            self._producer.list_topics(self.topic, timeout=2)
+        except KafkaException:
+            return 0  # still unreachable: keep everything where it is
+        sent = 0
+        for segment in self.spool.segments():
+            records = list(self.spool.read(segment))
+            failed: list[str] = []
+
+            def on_delivery(
+                err: KafkaError | None, _msg: Message, failed: list[str] = failed
+            ) -> None:
+                if err is not None:
+                    failed.append(err.name())
+
+            for key, value in records:
+                while True:
+                    try:
+                        self._producer.produce(
+                            self.topic, value=value, key=key, on_delivery=on_delivery
+                        )
+                        break
+                    except BufferError:
+                        self._producer.poll(0.05)
+            if self._producer.flush(timeout) or failed:
+                break  # the broker went away again; the segment stays
+            self.spool.remove(segment)
+            sent += len(records)
+        return sent
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     wire_format: Literal["single_object", "confluent"] = "single_object"
     schema_registry_url: str = ""
 
+    # producer spool (broker outages)
+    spool_after_s: float = Field(default=10.0, gt=0)
+    spool_max_mb: int = Field(default=1024, ge=1)
+
     # worker batching
     batch_max: int = Field(default=5000, ge=1, le=500_000)
     batch_within_s: float = Field(default=0.5, gt=0)

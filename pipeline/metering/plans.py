@@ -43,7 +43,11 @@ def load_plans(path: Path | None) -> TenantPlans:
     if path is None or not path.exists():
         return TenantPlans()
     try:
-        data: Any = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PlansError(f"{path.name}: cannot read: {exc}") from None
+    try:
+        data: Any = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise PlansError(f"{path.name}: not valid YAML ({exc})") from None
     if not isinstance(data, dict):

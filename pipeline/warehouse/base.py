@@ -69,6 +69,23 @@ def scalar(table: pa.Table) -> Any:
     return table.column(0)[0].as_py()
 
 
+def binary_unless_utf8(table: pa.Table) -> pa.Table:
+    """The result with every String column that holds non-UTF-8 bytes (a raw dead-letter
+    payload) typed as binary: ClickHouse sends String as Arrow utf8, and pyarrow cannot
+    turn invalid utf8 into Python values (``to_pylist`` raises UnicodeDecodeError)."""
+    for i, column_field in enumerate(table.schema):
+        if not pa.types.is_string(column_field.type):
+            continue
+        column = table.column(i)
+        try:
+            column.validate(full=True)
+        except pa.ArrowInvalid:
+            table = table.set_column(
+                i, column_field.with_type(pa.binary()), column.cast(pa.binary())
+            )
+    return table
+
+
 def arrow_stream_bytes(table: pa.Table) -> bytes:
     """Serialise an Arrow table as an IPC stream (ClickHouse's ``ArrowStream`` format)."""
     sink = io.BytesIO()

@@ -23,6 +23,7 @@ from pipeline.warehouse.base import (
     WarehouseError,
     WarehouseLockedError,
     arrow_stream_bytes,
+    binary_unless_utf8,
     quote_ident,
     quote_literal,
     strip_statement,
@@ -73,7 +74,7 @@ class EmbeddedWarehouse:
         result = self._call(sql, "ArrowTable", params)
         if not isinstance(result, pa.Table):  # an empty result can come back as bytes
             return pa.table({})
-        return result
+        return binary_unless_utf8(result)
 
     def query_readonly(self, sql: str) -> pa.Table:
         """An analyst's query under ``readonly=1``. SELECT-like statements run as a

@@ -13,7 +13,7 @@ import clickhouse_connect
 import pyarrow as pa
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
-from pipeline.warehouse.base import WarehouseError, strip_statement
+from pipeline.warehouse.base import WarehouseError, binary_unless_utf8, strip_statement
 
 
 def parse_url(url: str) -> dict[str, Any]:
@@ -87,7 +87,7 @@ class ServerWarehouse:
             table: pa.Table = self._client.query_arrow(sql, parameters=params)
         except ClickHouseError as exc:
             raise WarehouseError(str(exc).split("\n", 1)[0]) from None
-        return table
+        return binary_unless_utf8(table)
 
     def query_readonly(self, sql: str) -> pa.Table:
         """An analyst's query with the ``readonly=1`` setting sent along with it."""
@@ -97,7 +97,7 @@ class ServerWarehouse:
             )
         except ClickHouseError as exc:
             raise WarehouseError(str(exc).split("\n", 1)[0]) from None
-        return table
+        return binary_unless_utf8(table)
 
     def insert_arrow(self, table: str, data: pa.Table, dedup_token: str | None = None) -> int:
         """Insert one Arrow block; ``dedup_token`` is sent as insert_deduplication_token."""

@@ -19,11 +19,11 @@ import pyarrow as pa
 from pipeline.events import Rules, dedup_key
 from pipeline.metering.dedup import DedupIndex
 from pipeline.metering.plans import TenantPlans, load_plans
-from pipeline.metering.pricing import PriceBook, load_cards
+from pipeline.metering.pricing import PriceBook, load_cards, price_lines_rows
 from pipeline.serde import AvroCodec
 from pipeline.simulate import Simulation
 from pipeline.stages.ingest import IngestStage, RawMessage, dead_letter_for
-from pipeline.stages.rate import RateStage, Rated
+from pipeline.stages.rate import Rated, RateStage
 from pipeline.stages.window import GRAINS, corrections_table, rollup_table
 from pipeline.warehouse import Warehouse
 from pipeline.warehouse.arrow_rows import dead_letters_table, usage_events_table
@@ -36,6 +36,17 @@ NOW_MS = int(datetime(2026, 11, 28, 2, 0, tzinfo=UTC).timestamp() * 1000)
 GRACE_MS = 300_000
 KEY = b"unit-test-pseudonym-key-0123456789"
 TOPIC = "usage-events"
+PRICE_CARDS = pa.schema(
+    [
+        ("price_card_version", pa.string()),
+        ("effective_from", pa.timestamp("ms", tz="UTC")),
+        ("serving_carrier", pa.string()),
+        ("model_id", pa.string()),
+        ("token_class", pa.string()),
+        ("unit_price_per_million", pa.decimal128(38, 6)),
+        ("token_unit_factor", pa.decimal128(38, 6)),
+    ]
+)
 
 
 @dataclass
@@ -65,6 +76,15 @@ def write_rated(
         wh.insert_arrow(grain, rollup_table(with_arrival, grain, grace_ms, now))
     wh.insert_arrow("usage_corrections", corrections_table(with_arrival, grace_ms, now))
     wh.insert_arrow("usage_events", events)
+
+
+def store_price_cards(wh: Warehouse, book: PriceBook) -> None:
+    """The loaded card versions into ``price_cards``, as the worker does at start."""
+    stored = wh.query_arrow("SELECT DISTINCT price_card_version AS v FROM price_cards")
+    known = set(stored.column("v").to_pylist()) if stored.num_rows else set()
+    rows = [r for r in price_lines_rows(book) if r["price_card_version"] not in known]
+    if rows:
+        wh.insert_arrow("price_cards", pa.Table.from_pylist(rows, schema=PRICE_CARDS))
 
 
 def fill(
@@ -111,6 +131,7 @@ def fill(
         ingest.dedup.forget(dedup_key(acc.record))
         msg = RawMessage(acc.topic, acc.partition, acc.offset, acc.arrived_ms, None, b"")
         letters.append(dead_letter_for(msg, why.to_rejection(), acc.record))
+    store_price_cards(wh, book)
     write_rated(wh, rated)
     now = datetime.now(tz=UTC)
     if letters:
@@ -118,7 +139,8 @@ def fill(
     late = sum(
         1
         for r in rated
-        if r.accepted.arrived_ms >= (r.accepted.record["event_time"] // 60_000 + 1) * 60_000 + GRACE_MS
+        if r.accepted.arrived_ms
+        >= (r.accepted.record["event_time"] // 60_000 + 1) * 60_000 + GRACE_MS
     )
     return Filled(rated, len(letters), late)
 
