@@ -17,10 +17,12 @@ plugin's and Grafana's substitutions, so tests run every panel's SQL against the
 engine.
 
 Quota utilisation reads the quota definitions from a ``quotas`` table of this shape
-(the contract names the table; its columns are this module's assumption, kept in
-``QUOTAS_ASSUMED_DDL``): ``tenant_id``, ``period`` (``day`` | ``month``), ``limit_tu``
-(Token Units) and ``updated_at`` (the latest row per tenant is in force). Used Token
-Units come from ``usage_day`` (periods in Beijing time).
+(the contract names the table; its columns are this module's assumption, spelled out
+in ``QUOTAS_ASSUMED_DDL`` and named like ``metering.quota.QuotaDefinition``):
+``tenant_id``, ``subscriber_id`` (NULL or empty for a tenant-wide quota), ``period``
+(``day`` | ``month``), ``limit_tu`` and ``updated_at`` (the latest row per tenant is in
+force). Used Token Units are the ledger's: billable TU (``tier_usage_tu``) of the
+stored events in the current Beijing day or month.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import textwrap
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +57,11 @@ TZ = "Asia/Shanghai"  # rollup periods and billing periods are Beijing time
 QUOTAS_ASSUMED_DDL = """\
 CREATE TABLE IF NOT EXISTS quotas
 (
-    tenant_id  String,
-    period     LowCardinality(String) COMMENT 'day | month',
-    limit_tu   Decimal(38, 6),
-    updated_at DateTime64(3, 'UTC')
+    tenant_id     String,
+    subscriber_id Nullable(String) COMMENT 'NULL or empty: the tenant-wide quota',
+    period        LowCardinality(String) COMMENT 'day | month',
+    limit_tu      Decimal(38, 6),
+    updated_at    DateTime64(3, 'UTC')
 )
 ENGINE = MergeTree
 ORDER BY (tenant_id, updated_at)"""
@@ -353,8 +357,10 @@ USAGE = Dashboard(
 
 # ---- quota -----------------------------------------------------------------------------
 
-# One row per tenant with a quota: its limit, the Token Units metered in the current
-# period (Beijing day or month; reservations in flight are not included), and the state.
+# One row per tenant with a tenant-wide quota: its limit, the billable Token Units used
+# in the current period (as the quota ledger counts them: tier_usage_tu of the stored
+# events, by event time, Beijing day or month; reservations in flight are not
+# included), and the state.
 QUOTA_SQL = _sql(
     f"""
     WITH
@@ -364,15 +370,17 @@ QUOTA_SQL = _sql(
                 argMax(period, updated_at) AS quota_period,
                 argMax(limit_tu, updated_at) AS quota_limit_tu
             FROM quotas
+            WHERE ifNull(subscriber_id, '') = ''
             GROUP BY tenant_id
         ),
         used AS (
             SELECT
                 tenant_id,
-                sumIf(token_units, toDate(period_start) = toDate(now('{TZ}'))) AS used_day,
-                sum(token_units) AS used_month
-            FROM usage_day
-            WHERE toStartOfMonth(period_start) = toStartOfMonth(now('{TZ}'))
+                sumIf(tier_usage_tu, toDate(event_time, '{TZ}') = toDate(now('{TZ}')))
+                    AS used_day,
+                sum(tier_usage_tu) AS used_month
+            FROM usage_events
+            WHERE event_time >= toDateTime(toStartOfMonth(now('{TZ}')), '{TZ}')
             GROUP BY tenant_id
         )
     SELECT
@@ -410,7 +418,7 @@ QUOTA = Dashboard(
     title="tokenmeter / Quota utilisation",
     description=(
         "Metered Token Units in the current quota period against each tenant's limit "
-        "(quotas + usage_day); warning at 80 %, exhausted at 100 %."
+        "(quotas + usage_events); warning at 80 %, exhausted at 100 %."
     ),
     variables=(USAGE_VARIABLES[0],),
     time_from="now-30d",
@@ -803,7 +811,7 @@ QUOTA_RULES = RuleGroup(
             summary="Tenant {{ .Labels.tenant_id }} has used "
             "{{ humanizePercentage .Values.A.Value }} of its quota",
             description="Metered Token Units in the current quota period reached 80 % of the "
-            "limit (quotas + usage_day). Reservations in flight are not included.",
+            "limit (quotas + usage_events). Reservations in flight are not included.",
         ),
         AlertRule(
             uid="tokenmeter-quota-exhausted",
@@ -1439,11 +1447,9 @@ def deploy(
             wanted["name"],
             stored,
             stored is not None and contains(stored, wanted) and not needs_secret,
-            lambda body=body, stored=stored, uid=uid: (
-                api.datasource.create_datasource(body)
-                if stored is None
-                else api.datasource.update_datasource_by_uid(uid, body)
-            ),
+            partial(api.datasource.create_datasource, body)
+            if stored is None
+            else partial(api.datasource.update_datasource_by_uid, uid, body),
         )
 
     for dash in DASHBOARDS:
@@ -1466,7 +1472,7 @@ def deploy(
             dash.title,
             stored,
             same,
-            lambda payload=payload: api.dashboard.update_dashboard(payload),
+            partial(api.dashboard.update_dashboard, payload),
         )
 
     for group in RULE_GROUPS:
@@ -1479,8 +1485,8 @@ def deploy(
             group.name,
             stored,
             same,
-            lambda g=wanted_group, name=group.name: api.alertingprovisioning.update_rule_group(
-                FOLDER_UID, name, g
+            partial(
+                api.alertingprovisioning.update_rule_group, FOLDER_UID, group.name, wanted_group
             ),
         )
     return plan.changes

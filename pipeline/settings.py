@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     spool_after_s: float = Field(default=10.0, gt=0)
     spool_max_mb: int = Field(default=1024, ge=1)
 
+    # fault drills: while this file exists, warehouse inserts fail (see warehouse/faults.py)
+    fault_file: Path | None = None
+
     # worker batching
     batch_max: int = Field(default=5000, ge=1, le=500_000)
     batch_within_s: float = Field(default=0.5, gt=0)

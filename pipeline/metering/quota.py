@@ -355,6 +355,7 @@ class QuotaLedger:
     def available(self, now_ms: int) -> Decimal:
         """What a hard quota could grant now (never negative)."""
         d = self._definition()
+        self.expire(now_ms)
         used = self.used(now_ms)
         if d.limit_cny is not None and used.cny >= d.limit_cny:
             return ZERO

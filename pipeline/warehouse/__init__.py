@@ -38,6 +38,10 @@ def open_warehouse(settings: Settings, migrate: bool = True) -> Warehouse:
         from pipeline.warehouse.embedded import EmbeddedWarehouse
 
         wh = EmbeddedWarehouse(settings.warehouse_path)
+    if settings.fault_file is not None:
+        from pipeline.warehouse.faults import FaultSwitchWarehouse
+
+        wh = FaultSwitchWarehouse(wh, settings.fault_file)
     if migrate:
         try:
             apply_migrations(wh)
