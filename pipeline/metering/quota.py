@@ -529,6 +529,21 @@ class QuotaLedger:
             self._landed[event_id] = now_ms
             heapq.heappush(self._expiry, (now_ms + SETTLED_MEMORY_MS, "\x01" + event_id))
 
+    def add_period_usage(
+        self, day: str, month: str, tu: Decimal, cny: Decimal, event_ids: list[str] | None = None
+    ) -> None:
+        """Count a batch's usage already summed per Beijing day (``day``/``month`` keys);
+        ``event_ids`` settle pending holds like ``add_usage`` does."""
+        for key in (day, month):
+            bucket = self.usage.get(key)
+            if bucket is None:
+                self.usage[key] = Usage(tu, cny)
+            else:
+                bucket.tu += tu
+                bucket.cny += cny
+        if event_ids and self.holds:
+            self.settle_landed(set(event_ids))
+
     def set_usage(self, usage: dict[str, Usage]) -> None:
         """Replace the counted usage (restore from the warehouse): absolute, not added."""
         self.usage = {k: Usage(v.tu, v.cny) for k, v in usage.items()}
