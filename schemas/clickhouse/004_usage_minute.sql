@@ -1,8 +1,8 @@
 -- Usage per minute (period_start in Beijing time), per tenant, carriers, model and
 -- channel; usage_hour and usage_day are copies of this table. Rows are additive deltas:
 -- the worker writes each batch's partial sums within seconds, late events arrive as
--- kind = 'late' rows and re-ratings as kind = 'rerate' rows. Plain MergeTree, never collapsed: sum() ... GROUP BY is exact whatever the
--- merge state.
+-- kind = 'late' rows and re-ratings as kind = 'rerate' rows. Plain MergeTree, never
+-- collapsed: sum() ... GROUP BY is exact whatever the merge state.
 CREATE TABLE IF NOT EXISTS usage_minute
 (
     period_start      DateTime('Asia/Shanghai'),
