@@ -764,6 +764,11 @@ def rerate(
     recovered: list[tuple[str, str]] = []
     if dry_run:
         wait_for_mutations(wh)
+        recovered = [
+            (run_id, "interrupted; the next rerate (without --dry-run) finishes it")
+            for run_id, header in _latest_runs(wh).items()
+            if header["status"] == "applying"
+        ]
     else:
         recovered = recover(wh)
     report = plan_rerate(wh, book, plans, start_ms, end_ms, source)

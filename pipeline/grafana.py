@@ -425,26 +425,26 @@ QUOTA = Dashboard(
     items=(
         Row("Current period"),
         ch(
-            "Utilisation by tenant (top 20)",
-            "bargauge",
-            _quota("tenant_id, utilisation", "ORDER BY utilisation DESC, tenant_id\nLIMIT 20"),
-            ["tenant_id", "utilisation"],
-            w=12,
-            h=12,
-            unit="percentunit",
-            thresholds=QUOTA_THRESHOLDS,
-            max=1.2,
-        ),
-        ch(
             "Tenants at warning / exhausted",
             "stat",
             _quota(
                 "countIf(state = 'warning') AS warning, countIf(state = 'exhausted') AS exhausted"
             ),
             ["warning", "exhausted"],
-            w=12,
-            h=4,
+            w=6,
+            h=10,
             thresholds=((None, "green"), (1.0, "orange")),
+        ),
+        ch(
+            "Utilisation by tenant (top 20)",
+            "bargauge",
+            _quota("tenant_id, utilisation", "ORDER BY utilisation DESC, tenant_id\nLIMIT 20"),
+            ["tenant_id", "utilisation"],
+            w=18,
+            h=10,
+            unit="percentunit",
+            thresholds=QUOTA_THRESHOLDS,
+            max=1.2,
         ),
         ch(
             "Quotas",
@@ -454,7 +454,7 @@ QUOTA = Dashboard(
                 "ORDER BY utilisation DESC, tenant_id\nLIMIT 200",
             ),
             ["tenant_id", "period", "limit_tu", "used_tu", "remaining_tu", "utilisation", "state"],
-            w=12,
+            w=24,
             h=8,
         ),
         Row("History"),
@@ -463,10 +463,10 @@ QUOTA = Dashboard(
             "timeseries",
             _sql(
                 f"""
-                SELECT $__timeInterval(period_start) AS time, tenant_id,
-                    sum(token_units) AS token_units
+                SELECT period_start AS time, tenant_id, sum(token_units) AS token_units
                 FROM usage_day
-                WHERE $__timeFilter(period_start)
+                WHERE period_start >= toStartOfDay($__fromTime, '{TZ}')
+                  AND period_start <= $__toTime
                   AND {var_in("tenant_id", "tenant")}
                 GROUP BY time, tenant_id
                 ORDER BY time
@@ -738,17 +738,17 @@ PIPELINE = Dashboard(
             ORDER BY time
             """,
             ["time", "late_events"],
-            w=8,
+            w=6,
         ),
         ch(
-            "Seconds since the last stored event",
+            "Last stored event (s ago)",
             "stat",
             """
             SELECT dateDiff('second', max(ingested_at), now64(3)) AS seconds_since_last_insert
             FROM usage_events
             """,
             ["seconds_since_last_insert"],
-            w=4,
+            w=6,
             unit="s",
             thresholds=((None, "green"), (300.0, "orange"), (900.0, "red")),
         ),
@@ -801,7 +801,7 @@ QUOTA_RULES = RuleGroup(
     (
         AlertRule(
             uid="tokenmeter-quota-warning",
-            title="Tenant above 80 % of quota",
+            title="Tenant at or above 80 % of quota",
             group="tokenmeter-quota",
             query=_quota_alert("warning"),
             columns=("tenant_id", "utilisation"),
@@ -1280,6 +1280,35 @@ def dashboards_provisioning() -> dict[str, Any]:
     }
 
 
+def layout_text(dash: Dashboard) -> str:
+    """The dashboard's grid as text (3 characters per grid column), for the docs:
+    one box per panel with its title and its kind and data source."""
+    out = [f"{dash.title}  (uid {dash.uid}, default range {dash.time_from} .. now)"]
+    lines: dict[int, list[tuple[Panel | Row, dict[str, int]]]] = {}
+    for item, grid in _layout(dash.items):
+        lines.setdefault(grid["y"], []).append((item, grid))
+    for y in sorted(lines):
+        items = sorted(lines[y], key=lambda pair: pair[1]["x"])
+        first = items[0][0]
+        if isinstance(first, Row):
+            out.append(f"== {first.title} " + "=" * (72 - len(first.title) - 4))
+            continue
+        rows = ["", "", "", ""]
+        cursor = 0
+        for item, grid in items:
+            assert isinstance(item, Panel)
+            inner = grid["w"] * 3 - 2
+            source = "ClickHouse" if item.queries[0].sql else "Prometheus"
+            pad = " " * ((grid["x"] - cursor) * 3)
+            rows[0] += pad + "+" + "-" * inner + "+"
+            rows[1] += pad + "|" + item.title[:inner].ljust(inner) + "|"
+            rows[2] += pad + "|" + f"{item.type}, {source}"[:inner].ljust(inner) + "|"
+            rows[3] += pad + "+" + "-" * inner + "+"
+            cursor = grid["x"] + grid["w"]
+        out.extend(rows)
+    return "\n".join(out) + "\n"
+
+
 # ---- export ------------------------------------------------------------------------------
 
 
@@ -1595,6 +1624,7 @@ __all__ = [
     "deploy",
     "expand_sql",
     "export",
+    "layout_text",
     "prometheus_exprs",
     "provisioning_files",
 ]

@@ -1,13 +1,76 @@
-"""The deduplication index: exact, keyed on (reporting_carrier, event_id).
+"""The deduplication index: exact, keyed on (reporting_carrier, event_id), ~30 bytes a key.
 
 Pure logic, no I/O. The worker fills it from ``usage_events`` when it takes a
 partition (so the warehouse is its durable copy, and the index never disagrees with
 what was stored), then consults it for every accepted-so-far event.
+
+What is stored per key (28 bytes, in numpy arrays, no Python object per key):
+
+- a 64-bit keyed fingerprint of the key (default: Python's ``hash`` of the string,
+  SipHash-1-3 under the interpreter's random per-process secret; the index is rebuilt
+  from the warehouse in every process, so the fingerprint never has to be stable);
+- the event's 64-bit payload hash (``pipeline.events.payload_hash``);
+- its position: partition (16 bits) and offset (48 bits) in one 64-bit word;
+- its event time in whole seconds (32 bits; only ``prune`` reads it).
+
+Layout. Most keys live in a *main* store: four arrays sorted by fingerprint plus a
+directory of bucket starts over the fingerprint's top bits (8 to 16 keys a bucket, under
+a byte a key), so a lookup is two directory reads and a short binary search. New keys go
+to a *delta*: append-only chunks of the same four columns plus a small linear-probing
+table of uint32 indices into them. When the delta holds a sixth of the main store's
+size it is merged into the main store (vectorised: one sort of the delta, one pass over
+the main arrays), so a key is moved about seven times in its life and the memory above
+28 bytes a key stays under ~3 bytes. Forgotten keys are marked dead and dropped at the
+next merge or prune.
+
+Exactness. Fingerprints can collide: two different keys may share one (for 64-bit keyed
+fingerprints, about n / 2**64 per event, n = keys held). A match is therefore resolved
+like this, for an event with payload hash ``h`` at position ``p``:
+
+1. an entry at position ``p`` is this very event (a replay): ``NEW`` again;
+2. an entry with payload hash ``h`` is the same key with the same content: ``DUPLICATE``
+   (the payload hash covers ``event_id`` and ``reporting_carrier``, so a different key
+   would need a second, independent 64-bit collision at once: ~n / 2**128);
+3. otherwise it is either the same key with other content (``CONFLICT``) or a collision
+   with another key. ``verify(key, (partition, offset))`` decides: it must return True
+   when the event stored at that position has this key. If no entry verifies, the event
+   is a new key (``NEW``, stored beside the other). Without a ``verify`` callback such a
+   match counts as the same key: ``CONFLICT``, i.e. the event is dead-lettered as
+   ``conflicting_duplicate`` (visible, replayable), never dropped silently and never
+   counted twice. ``add`` resolves the same way (unverifiable: keep the first).
+
+``verify`` is called only in case 3, i.e. for true conflicting duplicates and for real
+collisions, so a warehouse lookup behind it costs nothing on the normal path. It must
+also know the events of the batch being processed (they are not stored yet).
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Callable, Sequence
 from enum import IntEnum
+from typing import Literal
+
+import numpy as np
+
+Position = tuple[int, int]  # (partition, offset)
+Verify = Callable[[str, Position], bool]
+
+_M64 = (1 << 64) - 1
+_DEAD = _M64  # position word of a forgotten entry
+_OFFSET_BITS = 48
+_OFFSET_MAX = (1 << _OFFSET_BITS) - 1
+_PARTITION_MAX = (1 << 16) - 2  # 0xFFFF would make the DEAD word
+_TS_MAX = (1 << 32) - 1
+_EMPTY = 0xFFFF_FFFF  # empty slot of the delta's probe table
+_CHUNK_BITS = 14
+_CHUNK = 1 << _CHUNK_BITS  # delta entries per chunk
+_CHUNK_MASK = _CHUNK - 1
+_TAIL = 1024  # probe-table slots past the end (no wrap-around; the last stays empty)
+_MIN_PROBE_BITS = 12
+_MIN_DIR_BITS = 8
+_BUCKET = 16  # the directory keeps main-store buckets at 8 to 16 keys
+_DELTA_SHARE = 6  # merge when the delta holds a sixth of the main store
 
 
 class Decision(IntEnum):
@@ -18,21 +81,112 @@ class Decision(IntEnum):
     CONFLICT = 2  # same key, different content: dead-letter as conflicting_duplicate
 
 
+def _pack(partition: int, offset: int) -> int:
+    if not (0 <= partition <= _PARTITION_MAX and 0 <= offset <= _OFFSET_MAX):
+        raise ValueError(
+            f"position ({partition}, {offset}) out of range: partition 0..{_PARTITION_MAX}, "
+            f"offset 0..2**48-1"
+        )
+    return (partition << _OFFSET_BITS) | offset
+
+
+def _unpack(pos: int) -> Position:
+    return pos >> _OFFSET_BITS, pos & _OFFSET_MAX
+
+
+def _seconds(event_ms: int) -> int:
+    s = event_ms // 1000
+    return 0 if s < 0 else (_TS_MAX if s > _TS_MAX else s)
+
+
+def _view(arr: np.ndarray, fmt: Literal["Q", "q", "I"]) -> memoryview:
+    """A flat memoryview with a native one-letter format (fast item access)."""
+    return arr.data.cast("B").cast(fmt)
+
+
+_FP, _PH, _POS, _TS = np.uint64, np.int64, np.uint64, np.uint32
+
+
 class DedupIndex:
-    """key -> (payload hash, partition, offset, event_time ms) of the first occurrence."""
+    """key -> (payload hash, partition, offset, event time) of the first occurrence.
 
-    __slots__ = ("_entries",)
+    ``verify(key, (partition, offset)) -> bool`` resolves fingerprint matches that the
+    payload hash cannot (see the module docstring); ``fingerprint(key) -> int`` replaces
+    the default keyed 64-bit hash (tests inject tiny ones to force collisions);
+    ``delta_min`` is the delta's size before its first merge (tuning and tests).
+    """
 
-    def __init__(self) -> None:
-        self._entries: dict[str, tuple[int, int, int, int]] = {}
+    __slots__ = (
+        "_cfp",
+        "_cph",
+        "_cpos",
+        "_cts",
+        "_d_len",
+        "_d_limit",
+        "_dfp",
+        "_dfpv",
+        "_dir",
+        "_dirv",
+        "_dph",
+        "_dphv",
+        "_dpos",
+        "_dposv",
+        "_dshift",
+        "_dts",
+        "_fingerprint",
+        "_live",
+        "_m_dead",
+        "_mfp",
+        "_mph",
+        "_mphv",
+        "_mpos",
+        "_mposv",
+        "_mts",
+        "_mfpv",
+        "_delta_min",
+        "_scap",
+        "_slot_limit",
+        "_grow_at",
+        "_sp",
+        "_spv",
+        "_sshift",
+        "verify",
+    )
+    _d_len: int
+    _slot_limit: int
+    _grow_at: int
+    _d_limit: int
+    _m_dead: int
+    _live: int
 
+    def __init__(
+        self,
+        *,
+        verify: Verify | None = None,
+        fingerprint: Callable[[str], int] | None = None,
+        delta_min: int = 1 << 16,
+    ) -> None:
+        self.verify = verify
+        self._fingerprint: Callable[[str], int] = fingerprint if fingerprint is not None else hash
+        self._delta_min = max(1, delta_min)
+        self._live = 0
+        self._set_main(
+            np.empty(0, _FP), np.empty(0, _PH), np.empty(0, _POS), np.empty(0, _TS), rebuild=True
+        )
+        self._reset_delta()
+
+    # ---- sizes -------------------------------------------------------------------
     def __len__(self) -> int:
-        return len(self._entries)
+        return self._live
 
-    def add(self, key: str, payload_hash: int, partition: int, offset: int, event_ms: int) -> None:
-        """Record a stored event (used when loading from the warehouse)."""
-        self._entries.setdefault(key, (payload_hash, partition, offset, event_ms))
+    @property
+    def nbytes(self) -> int:
+        """Bytes held in the index's arrays (capacity, not just the used part)."""
+        arrays = [self._mfp, self._mph, self._mpos, self._mts, self._dir, self._sp]
+        arrays += self._dfp + self._dph + self._dpos + self._dts
+        return sum(a.nbytes for a in arrays)
 
+    # ---- the hot path ------------------------------------------------------------
     def check(
         self, key: str, payload_hash: int, partition: int, offset: int, event_ms: int
     ) -> Decision:
@@ -41,23 +195,404 @@ class DedupIndex:
         The decision depends only on what came first, so a replay of the same log gives
         the same answers: the first occurrence, seen again at its own position, is
         ``NEW`` again (and the sink's offset filter keeps it from being stored twice).
+        Raises ``ValueError`` for a position outside partition 0..65534, offset 0..2**48-1.
         """
-        entry = self._entries.get(key)
-        if entry is None:
-            self._entries[key] = (payload_hash, partition, offset, event_ms)
-            return Decision.NEW
-        if entry[1] == partition and entry[2] == offset:
-            return Decision.NEW
-        return Decision.DUPLICATE if entry[0] == payload_hash else Decision.CONFLICT
+        fp = self._fingerprint(key) & _M64
+        spv = self._spv
+        i = fp >> self._sshift
+        slot = spv[i]
+        if slot != _EMPTY:
+            dfpv = self._dfpv
+            while slot != _EMPTY:
+                c = slot >> _CHUNK_BITS
+                o = slot & _CHUNK_MASK
+                if dfpv[c][o] == fp:
+                    # the common cases inline; collisions and conflicts in _decide
+                    pos = self._dposv[c][o]
+                    if pos == (partition << _OFFSET_BITS) | offset:
+                        return Decision.NEW
+                    if pos != _DEAD and self._dphv[c][o] == payload_hash:
+                        return Decision.DUPLICATE
+                    return self._decide(key, fp, payload_hash, partition, offset, event_ms, False)
+                i += 1
+                slot = spv[i]
+        dirv = self._dirv
+        j = fp >> self._dshift
+        hi = dirv[j + 1]
+        lo = dirv[j]
+        if lo != hi:
+            mfpv = self._mfpv
+            k = bisect_left(mfpv, fp, lo, hi)
+            if k != hi and mfpv[k] == fp:
+                pos = self._mposv[k]
+                if pos == (partition << _OFFSET_BITS) | offset:
+                    return Decision.NEW
+                if pos != _DEAD and self._mphv[k] == payload_hash:
+                    return Decision.DUPLICATE
+                return self._decide(key, fp, payload_hash, partition, offset, event_ms, False)
+        # new: append to the delta (inlined _append: this is most events' path)
+        if partition < 0 or partition > _PARTITION_MAX or offset < 0 or offset > _OFFSET_MAX:
+            _pack(partition, offset)  # raises
+        n = self._d_len
+        o = n & _CHUNK_MASK
+        if not o:
+            self._new_chunk()
+        self._cfp[o] = fp
+        self._cph[o] = payload_hash
+        self._cpos[o] = (partition << _OFFSET_BITS) | offset
+        s = event_ms // 1000
+        self._cts[o] = s if 0 <= s <= _TS_MAX else (0 if s < 0 else _TS_MAX)
+        self._d_len = n + 1
+        self._live += 1
+        if i < self._slot_limit and n < self._grow_at:
+            spv[i] = n
+        else:
+            self._build_probe_table()
+        if n + 1 >= self._d_limit:
+            self._merge()
+        return Decision.NEW
 
-    def forget(self, key: str) -> None:
-        """Drop a key (used when a batch that added it is abandoned)."""
-        self._entries.pop(key, None)
+    def add(self, key: str, payload_hash: int, partition: int, offset: int, event_ms: int) -> None:
+        """Record a stored event (used when loading from the warehouse); the first entry
+        of a key stays."""
+        fp = self._fingerprint(key) & _M64
+        slot = self._seek(fp)
+        if slot < 0:
+            self._decide(key, fp, payload_hash, partition, offset, event_ms, True)
+        else:
+            self._append(fp, payload_hash, _pack(partition, offset), _seconds(event_ms), slot)
+
+    def add_many(
+        self,
+        keys: Sequence[str],
+        payload_hashes: Sequence[int],
+        partitions: Sequence[int],
+        offsets: Sequence[int],
+        event_ms: Sequence[int],
+    ) -> None:
+        """``add`` for many stored events at once (a partition's keys from the
+        warehouse), vectorised: the same result as calling ``add`` row by row."""
+        n = len(keys)
+        if not n:
+            return
+        fpfn = self._fingerprint
+        fps = np.fromiter((fpfn(k) & _M64 for k in keys), _FP, count=n)
+        parts = np.asarray(partitions, dtype=np.int64)
+        offs = np.asarray(offsets, dtype=np.int64)
+        if (
+            parts.min() < 0
+            or parts.max() > _PARTITION_MAX
+            or offs.min() < 0
+            or offs.max() > _OFFSET_MAX
+        ):
+            raise ValueError("a position is out of range: partition 0..65534, offset 0..2**48-1")
+        pos = (parts.astype(_POS) << np.uint64(_OFFSET_BITS)) | offs.astype(_POS)
+        ts = np.clip(np.asarray(event_ms, dtype=np.int64) // 1000, 0, _TS_MAX).astype(_TS)
+        ph = np.asarray(payload_hashes, dtype=_PH)
+        self._merge()  # everything in the main store: one place to look for clashes
+        # rows whose fingerprint is already held, or occurs twice here, go through add()
+        held = np.zeros(n, bool)
+        if len(self._mfp):
+            where = np.minimum(np.searchsorted(self._mfp, fps), len(self._mfp) - 1)
+            held = self._mfp[where] == fps
+        uniq, inverse, counts = np.unique(fps, return_inverse=True, return_counts=True)
+        suspect = held | (counts[inverse] > 1)
+        clean = ~suspect
+        self._merge_arrays(fps[clean], ph[clean], pos[clean], ts[clean])
+        self._live += int(clean.sum())
+        self._d_limit = max(self._delta_min, len(self._mfp) // _DELTA_SHARE)
+        for row in np.flatnonzero(suspect).tolist():
+            self.add(keys[row], int(ph[row]), int(parts[row]), int(offs[row]), int(event_ms[row]))
+
+    def forget(self, key: str, partition: int | None = None, offset: int | None = None) -> None:
+        """Drop a key (used when a batch that added it is abandoned).
+
+        With its position the right entry is dropped even under a fingerprint
+        collision; without, ``verify`` picks the entries that are this key (all entries
+        with its fingerprint when there is no ``verify``)."""
+        fp = self._fingerprint(key) & _M64
+        found = self._candidates(fp)
+        if not found:
+            return
+        if partition is not None and offset is not None:
+            pos = _pack(partition, offset)
+            found = [c for c in found if c[2] == pos]
+        elif self.verify is not None:
+            verify = self.verify
+            found = [c for c in found if verify(key, _unpack(c[2]))]
+        for in_delta, idx, _pos, _ph in found:
+            if in_delta:
+                self._dposv[idx >> _CHUNK_BITS][idx & _CHUNK_MASK] = _DEAD
+            else:
+                self._mposv[idx] = _DEAD
+                self._m_dead += 1
+            self._live -= 1
 
     def prune(self, older_than_ms: int) -> int:
         """Forget events older than the lateness limit: any copy of them arriving now is
-        rejected as too_late before dedup. Returns how many were dropped."""
-        stale = [k for k, v in self._entries.items() if v[3] < older_than_ms]
-        for key in stale:
-            del self._entries[key]
-        return len(stale)
+        rejected as too_late before dedup. Returns how many were dropped.
+
+        Event times are kept in whole seconds, so an event is dropped when its whole
+        second lies before ``older_than_ms``; one within that second stays until the
+        next prune (keeping a key longer is always safe)."""
+        self._merge()
+        cut = older_than_ms // 1000
+        if cut <= 0 or not len(self._mfp):
+            return 0
+        alive = self._mpos != np.uint64(_DEAD)
+        old = self._mts < cut if cut <= _TS_MAX else np.ones(len(self._mts), bool)
+        dropped = int(np.count_nonzero(old & alive))
+        keep = alive & ~old
+        if dropped or self._m_dead:
+            self._set_main(
+                self._mfp[keep], self._mph[keep], self._mpos[keep], self._mts[keep], rebuild=True
+            )
+            self._m_dead = 0
+            self._live -= dropped
+        return dropped
+
+    # ---- lookups ---------------------------------------------------------------------
+    def _seek(self, fp: int) -> int:
+        """The probe-table slot where ``fp`` would go, or -1 if an entry has ``fp``."""
+        spv = self._spv
+        i = fp >> self._sshift
+        slot = spv[i]
+        while slot != _EMPTY:
+            if self._dfpv[slot >> _CHUNK_BITS][slot & _CHUNK_MASK] == fp:
+                return -1
+            i += 1
+            slot = spv[i]
+        j = fp >> self._dshift
+        lo, hi = self._dirv[j], self._dirv[j + 1]
+        if lo != hi:
+            k = bisect_left(self._mfpv, fp, lo, hi)
+            if k != hi and self._mfpv[k] == fp:
+                return -1
+        return i
+
+    def _candidates(self, fp: int) -> list[tuple[bool, int, int, int]]:
+        """Every live entry with fingerprint ``fp``: (in delta, index, position, hash)."""
+        out: list[tuple[bool, int, int, int]] = []
+        spv = self._spv
+        i = fp >> self._sshift
+        slot = spv[i]
+        while slot != _EMPTY:
+            c, o = slot >> _CHUNK_BITS, slot & _CHUNK_MASK
+            if self._dfpv[c][o] == fp:
+                pos = self._dposv[c][o]
+                if pos != _DEAD:
+                    out.append((True, slot, pos, self._dphv[c][o]))
+            i += 1
+            slot = spv[i]
+        j = fp >> self._dshift
+        lo, hi = self._dirv[j], self._dirv[j + 1]
+        mfpv = self._mfpv
+        k = bisect_left(mfpv, fp, lo, hi)
+        while k < hi and mfpv[k] == fp:
+            pos = self._mposv[k]
+            if pos != _DEAD:
+                out.append((False, k, pos, self._mphv[k]))
+            k += 1
+        return out
+
+    def _decide(
+        self,
+        key: str,
+        fp: int,
+        payload_hash: int,
+        partition: int,
+        offset: int,
+        event_ms: int,
+        adding: bool,
+    ) -> Decision:
+        """The slow path: ``fp`` is held by at least one entry (maybe a dead one)."""
+        pos = _pack(partition, offset)
+        found = self._candidates(fp)
+        if found:
+            if any(c[2] == pos for c in found):
+                return Decision.NEW  # this very event again (a replay)
+            if any(c[3] == payload_hash for c in found):
+                return Decision.DUPLICATE
+            verify = self.verify
+            if verify is None:
+                return Decision.CONFLICT  # unverifiable: same key (see module docstring)
+            if any(verify(key, _unpack(c[2])) for c in found):
+                return Decision.CONFLICT
+        # all dead, or only other keys with this fingerprint: a new key
+        spv = self._spv
+        i = fp >> self._sshift
+        while spv[i] != _EMPTY:
+            i += 1
+        self._append(fp, payload_hash, pos, _seconds(event_ms), i)
+        return Decision.NEW
+
+    # ---- the delta -------------------------------------------------------------------
+    def _append(self, fp: int, payload_hash: int, pos: int, ts: int, slot: int) -> None:
+        n = self._d_len
+        o = n & _CHUNK_MASK
+        if o == 0:
+            self._new_chunk()
+        self._cfp[o] = fp
+        self._cph[o] = payload_hash
+        self._cpos[o] = pos
+        self._cts[o] = ts
+        self._d_len = n + 1
+        self._live += 1
+        if slot < self._slot_limit and n < self._grow_at:
+            self._spv[slot] = n
+        else:
+            self._build_probe_table()  # the new entry is in the chunks: rebuilt with it
+        if n + 1 >= self._d_limit:
+            self._merge()
+
+    def _new_chunk(self) -> None:
+        fp, ph = np.zeros(_CHUNK, _FP), np.zeros(_CHUNK, _PH)
+        pos, ts = np.zeros(_CHUNK, _POS), np.zeros(_CHUNK, _TS)
+        self._dfp.append(fp)
+        self._dph.append(ph)
+        self._dpos.append(pos)
+        self._dts.append(ts)
+        self._cfp, self._cph, self._cpos, self._cts = (
+            _view(fp, "Q"),
+            _view(ph, "q"),
+            _view(pos, "Q"),
+            _view(ts, "I"),
+        )
+        self._dfpv.append(self._cfp)
+        self._dphv.append(self._cph)
+        self._dposv.append(self._cpos)
+
+    def _reset_delta(self) -> None:
+        self._dfp: list[np.ndarray] = []
+        self._dph: list[np.ndarray] = []
+        self._dpos: list[np.ndarray] = []
+        self._dts: list[np.ndarray] = []
+        self._dfpv: list[memoryview] = []
+        self._dphv: list[memoryview] = []
+        self._dposv: list[memoryview] = []
+        self._d_len = 0
+        self._d_limit = max(self._delta_min, len(self._mfp) // _DELTA_SHARE)
+        self._set_probe_table(_MIN_PROBE_BITS, np.empty(0, np.int64), np.empty(0, np.uint32))
+
+    def _delta_columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        n = self._d_len
+        if not n:
+            return np.empty(0, _FP), np.empty(0, _PH), np.empty(0, _POS), np.empty(0, _TS)
+        cols = []
+        for chunks in (self._dfp, self._dph, self._dpos, self._dts):
+            cols.append(np.concatenate(chunks)[:n] if len(chunks) > 1 else chunks[0][:n].copy())
+        return cols[0], cols[1], cols[2], cols[3]
+
+    def _build_probe_table(self) -> None:
+        """Rebuild the delta's probe table from the chunks, at load <= 1/4, vectorised:
+        entries sorted by home slot take the first free slot at or after it."""
+        fp, _ph, pos, _ts = self._delta_columns()
+        live = np.flatnonzero(pos != np.uint64(_DEAD)).astype(np.uint32)
+        bits = max(_MIN_PROBE_BITS, (4 * len(live)).bit_length())
+        order = np.argsort(fp[live], kind="stable")
+        idx = live[order]
+        while True:
+            homes = (fp[idx] >> np.uint64(64 - bits)).astype(np.int64)
+            if self._set_probe_table(bits, homes, idx):
+                return
+            bits += 1
+
+    def _set_probe_table(self, bits: int, homes: np.ndarray, idx: np.ndarray) -> bool:
+        cap = 1 << bits
+        if len(idx):
+            r = np.arange(len(idx), dtype=np.int64)
+            slots = r + np.maximum.accumulate(homes - r)
+            if int(slots[-1]) >= cap + _TAIL - 1:
+                return False
+        table = np.full(cap + _TAIL, _EMPTY, np.uint32)
+        if len(idx):
+            table[slots] = idx
+        self._sp, self._spv = table, _view(table, "I")
+        self._scap, self._sshift = cap, 64 - bits
+        # a write must leave the last slot empty (the probe loops' sentinel), and the
+        # table is rebuilt larger once it is half full
+        self._slot_limit, self._grow_at = cap + _TAIL - 1, cap // 2
+        return True
+
+    # ---- the main store ------------------------------------------------------------
+    def _set_main(
+        self, fp: np.ndarray, ph: np.ndarray, pos: np.ndarray, ts: np.ndarray, *, rebuild: bool
+    ) -> None:
+        self._mfp, self._mph, self._mpos, self._mts = fp, ph, pos, ts
+        self._mfpv, self._mphv, self._mposv = _view(fp, "Q"), _view(ph, "q"), _view(pos, "Q")
+        if not rebuild:
+            return
+        self._m_dead = int(np.count_nonzero(pos == np.uint64(_DEAD)))
+        bits = max(_MIN_DIR_BITS, (len(fp) // _BUCKET).bit_length())
+        shift = 64 - bits
+        counts = np.bincount((fp >> np.uint64(shift)).astype(np.intp), minlength=1 << bits)
+        directory = np.zeros((1 << bits) + 1, np.uint32)
+        directory[1:] = np.cumsum(counts)
+        self._dir, self._dirv, self._dshift = directory, _view(directory, "I"), shift
+
+    def _merge(self) -> None:
+        """Move the delta into the main store."""
+        if not self._d_len:
+            return
+        fp, ph, pos, ts = self._delta_columns()
+        live = pos != np.uint64(_DEAD)
+        if not live.all():
+            fp, ph, pos, ts = fp[live], ph[live], pos[live], ts[live]
+        self._reset_delta_storage()
+        self._merge_arrays(fp, ph, pos, ts)
+        self._reset_delta()
+
+    def _reset_delta_storage(self) -> None:
+        for views in (self._dfpv, self._dphv, self._dposv):
+            for v in views:
+                v.release()
+        for v in (self._cfp, self._cph, self._cpos, self._cts):
+            v.release()
+        self._dfp, self._dph, self._dpos, self._dts = [], [], [], []
+        self._dfpv, self._dphv, self._dposv = [], [], []
+
+    def _merge_arrays(
+        self, fp: np.ndarray, ph: np.ndarray, pos: np.ndarray, ts: np.ndarray
+    ) -> None:
+        """Insert sorted-or-not new entries into the main store (one pass over it)."""
+        if not len(fp):
+            return
+        order = np.argsort(fp, kind="stable")
+        fp, ph, pos, ts = fp[order], ph[order], pos[order], ts[order]
+        old = [self._mfp, self._mph, self._mpos, self._mts]
+        for v in (self._mfpv, self._mphv, self._mposv):
+            v.release()
+        # from here on ``old`` holds the only references, so each old column is freed
+        # as soon as its merged copy exists (peak: one column, not the whole store)
+        self._set_main(
+            np.empty(0, _FP), np.empty(0, _PH), np.empty(0, _POS), np.empty(0, _TS), rebuild=False
+        )
+        if self._m_dead:
+            keep = old[2] != np.uint64(_DEAD)
+            old = [col[keep] for col in old]
+        n_old = len(old[0])
+        dest = np.searchsorted(old[0], fp, side="right") + np.arange(len(fp))
+        rest = np.ones(n_old + len(fp), bool)
+        rest[dest] = False
+        merged = []
+        for i, new in enumerate((fp, ph, pos, ts)):
+            out = np.empty(n_old + len(fp), new.dtype)
+            out[dest] = new
+            out[rest] = old[i]
+            old[i] = np.empty(0, new.dtype)  # release the old column before the next one
+            merged.append(out)
+        del rest, dest
+        total = len(merged[0])
+        bits = max(_MIN_DIR_BITS, (total // _BUCKET).bit_length())
+        if not self._m_dead and 64 - bits == self._dshift:
+            # same directory shape: add the new keys' bucket counts
+            counts = np.bincount(
+                (fp >> np.uint64(self._dshift)).astype(np.intp), minlength=1 << bits
+            )
+            directory = self._dir
+            self._dirv.release()
+            directory[1:] += np.cumsum(counts).astype(np.uint32)
+            self._set_main(merged[0], merged[1], merged[2], merged[3], rebuild=False)
+            self._dirv = _view(directory, "I")
+        else:
+            self._set_main(merged[0], merged[1], merged[2], merged[3], rebuild=True)

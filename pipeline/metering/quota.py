@@ -393,7 +393,7 @@ class QuotaLedger:
         hold = self.holds.get(res_id)
         if hold is not None and not hold.pending:
             return hold
-        settled = self._settled.get(res_id)
+        settled = self._settled.get(res_id) or self._committed_from_hold(res_id)
         if settled is not None:
             raise ReservationSettledError(
                 f"reservation {res_id} is already {settled.outcome}", settled
@@ -411,7 +411,7 @@ class QuotaLedger:
         """
         if used_tu < 0:
             raise BadAmountError("token_units: must be >= 0")
-        settled = self._settled.get(res_id)
+        settled = self._settled.get(res_id) or self._committed_from_hold(res_id)
         if settled is not None:
             if settled.outcome == "committed" and settled.committed == used_tu:
                 return settled
@@ -448,6 +448,21 @@ class QuotaLedger:
             self._by_event[event_id] = res_id
         heapq.heappush(self._expiry, (hold.expires_ms, res_id))
         return outcome
+
+    def _committed_from_hold(self, res_id: str) -> Settlement | None:
+        """A pending hold restored from the journal stands for its commit."""
+        hold = self.holds.get(res_id)
+        if hold is None or not hold.pending:
+            return None
+        return Settlement(
+            res_id,
+            "committed",
+            hold.granted,
+            hold.amount,
+            max(ZERO, hold.granted - hold.amount),
+            over_grant=hold.amount > hold.granted,
+            event_id=hold.event_id,
+        )
 
     def release(self, res_id: str, now_ms: int) -> Settlement:
         """Give an open reservation back. Releasing twice returns the same answer."""
@@ -629,8 +644,8 @@ class QuotaLedger:
         self.expire(now_ms)
         period = d.period_at(now_ms)
         used = self.used(now_ms)
-        remaining = self.available(now_ms) if d.hard else max(
-            ZERO, d.limit_tu - used.tu - self.held
+        remaining = (
+            self.available(now_ms) if d.hard else max(ZERO, d.limit_tu - used.tu - self.held)
         )
         crossed = tuple(t for t in d.thresholds if self._ratio_reached(used, t))
         state: State

@@ -89,8 +89,12 @@ def _change(msg: Any) -> DefinitionChange | None:
             log.warning("ignoring quota definition %r at offset %d: %s", key, msg.offset(), exc)
             return None
         if definition.topic_key != key:
-            log.warning("ignoring quota definition at offset %d: key %r != %r",
-                        msg.offset(), key, definition.topic_key)
+            log.warning(
+                "ignoring quota definition at offset %d: key %r != %r",
+                msg.offset(),
+                key,
+                definition.topic_key,
+            )
             return None
     return DefinitionChange(key, definition, msg.partition(), msg.offset(), int(ts))
 
@@ -158,7 +162,9 @@ def read_topic(
         meta = consumer.list_topics(topic, timeout=timeout_s)
         tmeta = meta.topics.get(topic)
         if tmeta is None or tmeta.error is not None:
-            raise TimeoutError(f"topic {topic} not available: {tmeta.error if tmeta else 'missing'}")
+            raise TimeoutError(
+                f"topic {topic} not available: {tmeta.error if tmeta else 'missing'}"
+            )
         ends: dict[int, int] = {}
         todo: list[TopicPartition] = []
         for p in tmeta.partitions:
@@ -184,10 +190,11 @@ def read_topic(
                         remaining.discard(msg.partition())
                         continue
                     raise TimeoutError(f"reading {topic}: {err}")
-                if msg.offset() < ends[msg.partition()]:
+                part, offset = int(msg.partition() or 0), int(msg.offset() or 0)
+                if offset < ends[part]:
                     out.append(msg)
-                if msg.offset() >= ends[msg.partition()] - 1:
-                    remaining.discard(msg.partition())
+                if offset >= ends[part] - 1:
+                    remaining.discard(part)
         return out, ends
     finally:
         consumer.close()
@@ -236,9 +243,10 @@ class DefinitionFollower:
         try:
             while not self._stop.is_set():
                 for msg in self._consumer.consume(num_messages=500, timeout=0.5):
-                    if msg.error() is not None:
-                        if msg.error().code() != KafkaError._PARTITION_EOF:
-                            log.warning("quota definitions: %s", msg.error())
+                    err = msg.error()
+                    if err is not None:
+                        if err.code() != KafkaError._PARTITION_EOF:
+                            log.warning("quota definitions: %s", err)
                         continue
                     change = _change(msg)
                     if change is not None:

@@ -49,6 +49,8 @@ def redact_url(url: str) -> str:
     except ValueError:
         return "<unparsable TOKENMETER_WAREHOUSE_URL>"
     if parts.password is None:
+        if "@" in url and not parts.netloc:  # "user:pass@host" without a scheme
+            return "***@" + url.rsplit("@", 1)[1]
         return url
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
     return parts._replace(netloc=netloc).geturl()

@@ -115,10 +115,18 @@ def reference(
     """(amount, price card version) per record, records in log order."""
     usage: dict[tuple[str, str], Decimal] = {}
     out = []
+    lookups: dict[tuple[str, str, str], tuple[dict[str, Decimal], dict[str, Decimal]]] = {}
     with localcontext() as ctx:
         ctx.prec = 80
         for rec in records:
             card = [c for c in cards if c.start_ms <= rec["event_time"]][-1]
+            key3 = (card.version, rec["serving_carrier"], rec["model_id"])
+            if key3 not in lookups:
+                lookups[key3] = (
+                    card.prices(rec["serving_carrier"], rec["model_id"]),
+                    card.tu_per_token(rec["model_id"]),
+                )
+            prices, per_token = lookups[key3]
             cached = rec["cached_tokens"]
             tokens = {
                 "input": rec["input_tokens"] - cached,
@@ -126,8 +134,6 @@ def reference(
                 "output": rec["output_tokens"],
                 "reasoning": rec["reasoning_tokens"],
             }
-            prices = card.prices(rec["serving_carrier"], rec["model_id"])
-            per_token = card.tu_per_token(rec["model_id"])
             list_exact = sum(tokens[c] * prices[c] for c in CLASSES) / Decimal(1_000_000)
             tu = sum(tokens[c] * per_token[c] for c in CLASSES).quantize(MICRO, ROUND_HALF_EVEN)
             if not {**BILLABLE, **card.card.get("billable", {})}[rec["status"]]:
@@ -207,32 +213,60 @@ def write_cards(directory: Path, mid_ms: int, *fixes: tuple[str, str]) -> Path:
     return directory
 
 
-def rollup_sums(h: Harness) -> dict[str, dict[str, Any]]:
-    """events, billable, tokens, TU and amount of rated_usage and each rollup (one query)."""
-    cols = (
-        "sum(events) AS events, sum(billable_events) AS billable, sum(input_tokens) AS i, "
-        "sum(output_tokens) AS o, sum(cached_tokens) AS c, sum(reasoning_tokens) AS r, "
-        "sum(token_units) AS tu, sum(amount) AS amount"
+_METRICS = {
+    "events": ("count()", "sum(events)"),
+    "billable": ("countIf(billable)", "sum(billable_events)"),
+    "input_tokens": ("sum(input_tokens)", "sum(input_tokens)"),
+    "output_tokens": ("sum(output_tokens)", "sum(output_tokens)"),
+    "cached_tokens": ("sum(cached_tokens)", "sum(cached_tokens)"),
+    "reasoning_tokens": ("sum(reasoning_tokens)", "sum(reasoning_tokens)"),
+    "token_units": ("sum(token_units)", "sum(token_units)"),
+    "amount": ("sum(amount)", "sum(amount)"),
+}
+ROLLUPS = ("usage_minute", "usage_hour", "usage_day")
+
+
+def snapshot(h: Harness, **extra: str) -> dict[str, Any]:
+    """One `tokenmeter sql` call (each costs a process start): the sums of usage_events
+    and of every rollup, counts and amounts per price card version, and ``extra`` scalar
+    subqueries by name. Returns ``{"usage_events": {metric: n}, "usage_minute": ...,
+    "versions": {version: (events, amount)}, name: value}``; numbers as Decimal."""
+    parts = []
+    for table in ("usage_events", *ROLLUPS):
+        pick = 0 if table == "usage_events" else 1
+        pairs = ", ".join(
+            f"('{table}.{m}', toString({exprs[pick]}))" for m, exprs in _METRICS.items()
+        )
+        parts.append(
+            "SELECT tupleElement(x, 1) AS k, tupleElement(x, 2) AS v "
+            f"FROM (SELECT arrayJoin([{pairs}]) AS x FROM {table})"
+        )
+    parts.append(
+        "SELECT concat('versions.', price_card_version) AS k, "
+        "concat(toString(count()), '|', toString(sum(amount))) AS v "
+        "FROM usage_events GROUP BY price_card_version"
     )
-    parts = [
-        "SELECT 'rated_usage' AS t, count() AS events, countIf(billable) AS billable, "
-        "sum(input_tokens) AS i, sum(output_tokens) AS o, sum(cached_tokens) AS c, "
-        "sum(reasoning_tokens) AS r, sum(token_units) AS tu, sum(amount) AS amount "
-        "FROM usage_events"
-    ] + [f"SELECT '{t}' AS t, {cols} FROM {t}" for t in ("usage_minute", "usage_hour", "usage_day")]
-    rows = h.sql(" UNION ALL ".join(parts))
-    return {
-        r.pop("t"): {k: Decimal(str(v)) if k in ("tu", "amount") else int(v) for k, v in r.items()}
-        for r in rows
-    }
+    parts += [f"SELECT '{name}' AS k, toString({sql}) AS v" for name, sql in extra.items()]
+    out: dict[str, Any] = {"versions": {}}
+    for row in h.sql(" UNION ALL ".join(parts)):
+        key, value = str(row["k"]), str(row["v"])
+        if key.startswith("versions."):
+            n, amount = value.split("|")
+            out["versions"][key.removeprefix("versions.")] = (int(n), Decimal(amount))
+        elif "." in key:
+            table, metric = key.split(".", 1)
+            out.setdefault(table, {})[metric] = Decimal(value)
+        else:
+            out[key] = value
+    return out
 
 
-def assert_rollups_agree(h: Harness) -> dict[str, Any]:
-    sums = rollup_sums(h)
-    truth = sums.pop("rated_usage")
-    for table, got in sums.items():
-        assert got == truth, f"{table} disagrees with rated_usage"
-    return truth
+def assert_rollups_agree(snap: dict[str, Any]) -> dict[str, Decimal]:
+    """Minute, hour and day rollups hold exactly rated_usage's sums."""
+    for table in ROLLUPS:
+        assert snap[table] == snap["usage_events"], f"{table} disagrees with rated_usage"
+    totals: dict[str, Decimal] = snap["usage_events"]
+    return totals
 
 
 def iso(ms: int) -> str:
@@ -260,26 +294,23 @@ def run_rating_end_to_end(h: Harness, tmp_path: Path, events: int, live_events: 
     records = regenerate(truth1, events)
     ref_cards = load_reference_cards(cards)
     ref = reference(records, ref_cards, "tiered")
-    sums = assert_rollups_agree(h)
-    assert sums["events"] == len(records)
-    assert sums["amount"] == sum(a for a, _ in ref)
-    by_version = {
-        r["v"]: (int(r["n"]), Decimal(r["a"]))
-        for r in h.sql(
-            "SELECT price_card_version AS v, count() AS n, sum(amount) AS a FROM rated_usage "
-            "GROUP BY v"
-        )
-    }
+    snap = snapshot(
+        h,
+        discounted="(SELECT countIf(amount < list_amount) FROM rated_usage)",
+        corrections="(SELECT count() FROM usage_corrections)",
+    )
+    totals = assert_rollups_agree(snap)
+    assert totals["events"] == len(records)
+    assert totals["amount"] == sum(a for a, _ in ref)
     want: dict[str, tuple[int, Decimal]] = {}
     for amount, version in ref:
         n, a = want.get(version, (0, Decimal(0)))
         want[version] = (n + 1, a + amount)
-    assert by_version == want and set(want) == {"2026.11", "2026.11-mid"}
-    discounted = h.scalar("SELECT countIf(amount < list_amount) FROM rated_usage")
-    assert discounted > 0, "graduated tiers must be reached"
+    assert snap["versions"] == want and set(want) == {"2026.11", "2026.11-mid"}
+    assert int(snap["discounted"]) > 0, "graduated tiers must be reached"
+    late_before = int(snap["corrections"])
 
     # 2. live traffic with late reporters: late events in usage_corrections and as 'late' rows
-    late_before = int(h.scalar("SELECT count() FROM usage_corrections"))
     truth2 = tmp_path / "truth2.json"
     h.cli("simulate", "--events", str(live_events), "--seed", "32", "--dup-rate", str(DUP),
           "--bad-rate", str(BAD), "--live-rate", "2000", "--late-share", "0.05",
@@ -287,33 +318,27 @@ def run_rating_end_to_end(h: Harness, tmp_path: Path, events: int, live_events: 
     h.cli("wait", "--idle", "1", "--timeout", "300")
     live = regenerate(truth2, live_events, live_rate=2000.0, late_share=0.05)
     live_now = json.loads(truth2.read_text())["now_ms"]
-    late = [r for r in live if r["event_time"] < live_now]
+    late = sorted(r["event_id"] for r in live if r["event_time"] < live_now)
     assert late, "the live run must have late reporters"
-    late_rows = h.sql(
-        "SELECT (SELECT count() FROM usage_corrections) AS corrections, "
-        "(SELECT sum(amount) FROM usage_corrections) AS corrections_amount, "
-        "(SELECT sum(events) FROM usage_minute WHERE kind = 'late') AS late_minute, "
-        "(SELECT sum(events) FROM usage_day WHERE kind = 'late') AS late_day, "
-        "(SELECT sum(amount) FROM usage_minute WHERE kind = 'late') AS late_amount"
-    )[0]
-    assert int(late_rows["corrections"]) - late_before == len(late)
-    assert (
-        int(late_rows["late_minute"]) == int(late_rows["late_day"]) == int(late_rows["corrections"])
+    run_tag = live[0]["event_id"].split("-")[1]  # event ids carry the simulation's run tag
+    snap = snapshot(
+        h,
+        corrections="(SELECT count() FROM usage_corrections)",
+        corrections_amount="(SELECT sum(amount) FROM usage_corrections)",
+        late_minute="(SELECT sum(events) FROM usage_minute WHERE kind = 'late')",
+        late_day="(SELECT sum(events) FROM usage_day WHERE kind = 'late')",
+        late_amount="(SELECT sum(amount) FROM usage_minute WHERE kind = 'late')",
+        live_late_ids="(SELECT arrayStringConcat(arraySort(groupArray(event_id)), ',') "
+        f"FROM usage_corrections WHERE event_id LIKE '%-{run_tag}-%')",
     )
-    assert Decimal(late_rows["late_amount"]) == Decimal(late_rows["corrections_amount"])
-    late_ids = {r["event_id"] for r in late}
-    stored_late = {
-        r["event_id"]
-        for r in h.sql(
-            "SELECT event_id FROM usage_corrections WHERE event_id LIKE "
-            f"'%-{live[0]['event_id'].split('-')[1]}-%'"
-        )
-    }
-    assert stored_late == late_ids
+    assert int(snap["corrections"]) - late_before == len(late)
+    assert snap["live_late_ids"].split(",") == late
+    assert int(snap["late_minute"]) == int(snap["late_day"]) == int(snap["corrections"])
+    assert Decimal(snap["late_amount"]) == Decimal(snap["corrections_amount"])
     everything = records + live
     ref = reference(everything, ref_cards, "tiered")
-    sums = assert_rollups_agree(h)
-    assert sums["events"] == len(everything) and sums["amount"] == sum(a for a, _ in ref)
+    totals = assert_rollups_agree(snap)
+    assert totals["events"] == len(everything) and totals["amount"] == sum(a for a, _ in ref)
 
     # 3. re-rating needs the warehouse to itself
     window = ("--from", iso(now_ms - 3 * 3_600_000), "--to", iso(live_now + 3_600_000))
@@ -330,23 +355,25 @@ def run_rating_end_to_end(h: Harness, tmp_path: Path, events: int, live_events: 
     new_ref = reference(everything, load_reference_cards(fixed), "tiered")
     changed = sum(1 for (a, _), (b, _) in zip(ref, new_ref, strict=True) if a != b)
     assert re.search(rf"changed events: {changed:,} of {len(everything):,}", out), out
-    run_id = re.search(r"run id: (rr_[0-9a-f]+)", out)
-    assert run_id is not None, out
-    sums = assert_rollups_agree(h)
-    assert sums["amount"] == sum(a for a, _ in new_ref) != sum(a for a, _ in ref)
-    assert (
-        int(h.scalar(f"SELECT count() FROM rated_usage WHERE rating_run = '{run_id.group(1)}'")) > 0
+    found = re.search(r"run id: (rr_[0-9a-f]+)", out)
+    assert found is not None, out
+    rows = "+".join(f"(SELECT count() FROM {t})" for t in (*ROLLUPS, "rerate_runs", "price_cards"))
+    snap = snapshot(
+        h,
+        rerated=f"(SELECT count() FROM rated_usage WHERE rating_run = '{found.group(1)}')",
+        rows=rows,
     )
+    totals = assert_rollups_agree(snap)
+    assert totals["amount"] == sum(a for a, _ in new_ref) != sum(a for a, _ in ref)
+    assert int(snap["rerated"]) == changed
     print(f"\nrerate of {len(everything):,} events ({changed:,} changed): {took:.1f} s")
 
     # 5. a second run changes nothing and writes nothing
-    counts = "SELECT (SELECT count() FROM usage_minute) + (SELECT count() FROM usage_hour) + " \
-        "(SELECT count() FROM usage_day) + (SELECT count() FROM rerate_runs) AS n"  # fmt: skip
-    rows_before = h.scalar(counts)
     again = h.cli("rerate", *window, "--price-cards", str(fixed)).stdout
     assert "0 changed" in again and "run id:" not in again
-    assert h.scalar(counts) == rows_before
-    assert assert_rollups_agree(h) == sums
+    snap2 = snapshot(h, rows=rows)
+    assert snap2["rows"] == snap["rows"]
+    assert assert_rollups_agree(snap2) == totals
 
 
 def test_rating_rollups_late_events_and_rerate(harness: Harness, tmp_path: Path) -> None:

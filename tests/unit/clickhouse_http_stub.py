@@ -48,6 +48,7 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import pyarrow as pa
@@ -157,7 +158,9 @@ class ClickHouseHTTPStub:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
         self._thread.start()
         return self
 
@@ -193,7 +196,7 @@ def _native_string(s: str) -> bytes:
     return _varuint(len(raw)) + raw
 
 
-def native_block(columns: list[tuple[str, str, list[object]]]) -> bytes:
+def native_block(columns: list[tuple[str, str, list[Any]]]) -> bytes:
     """One Native-format block (no block info) of String and UInt8 columns."""
     rows = len(columns[0][2]) if columns else 0
     out = bytearray(_varuint(len(columns)) + _varuint(rows))
@@ -203,7 +206,7 @@ def native_block(columns: list[tuple[str, str, list[object]]]) -> bytes:
             for v in values:
                 out += _native_string(str(v))
         elif type_name == "UInt8":
-            out += bytes(int(v) for v in values)  # type: ignore[call-overload]
+            out += bytes(int(v) for v in values)
         else:
             raise ValueError(f"stub cannot encode {type_name}")
     return bytes(out)
@@ -220,7 +223,7 @@ _FORMAT = re.compile(r"\bFORMAT\s+(\w+)\s*$", re.IGNORECASE)
 
 def _unquote_ident(name: str) -> str:
     name = name.strip()
-    if len(name) >= 2 and name[0] == name[-1] and name[0] in "`\"":
+    if len(name) >= 2 and name[0] == name[-1] and name[0] in '`"':
         return name[1:-1]
     return name
 

@@ -403,7 +403,14 @@ def test_pseudonyms_depend_on_id_and_key_and_are_idempotent() -> None:
 
 @pytest.mark.parametrize(
     "value",
-    ["13800138000", "sub_", "sub_" + "A" * 32, "sub_" + "0" * 31, "sub_" + "0" * 33, "x" + "0" * 32],
+    [
+        "13800138000",
+        "sub_",
+        "sub_" + "A" * 32,
+        "sub_" + "0" * 31,
+        "sub_" + "0" * 33,
+        "x" + "0" * 32,
+    ],
 )
 def test_is_pseudonym_recognises_only_the_exact_form(value: str) -> None:
     assert not is_pseudonym(value)

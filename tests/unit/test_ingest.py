@@ -62,8 +62,9 @@ def record(**changes: Any) -> dict[str, Any]:
     return rec
 
 
-def message(value: bytes | dict[str, Any], offset: int, partition: int = 0,
-            at: int = NOW) -> RawMessage:
+def message(
+    value: bytes | dict[str, Any], offset: int, partition: int = 0, at: int = NOW
+) -> RawMessage:
     data = CODEC.encode(value) if isinstance(value, dict) else value
     return RawMessage(TOPIC, partition, offset, at, b"tenant-a", data)
 
@@ -142,8 +143,20 @@ def test_rules_from_settings_are_applied() -> None:
 
 def test_missing_transaction_id_on_a_cross_carrier_event() -> None:
     cross = record(home_carrier="CTCC", serving_carrier="CMCC")
-    result = stage().process([message(cross, 0), message(record(
-        event_id="evt-2", home_carrier="CTCC", serving_carrier="CMCC", transaction_id="tx"), 1)])
+    result = stage().process(
+        [
+            message(cross, 0),
+            message(
+                record(
+                    event_id="evt-2",
+                    home_carrier="CTCC",
+                    serving_carrier="CMCC",
+                    transaction_id="tx",
+                ),
+                1,
+            ),
+        ]
+    )
     assert [d.reason for d in result.dead_letters] == ["missing_transaction_id"]
     assert [a.record["event_id"] for a in result.accepted] == ["evt-2"]
 
@@ -188,9 +201,11 @@ def test_replaying_a_batch_gives_the_same_result() -> None:
     again = ingest.process(batch)
     assert [a.offset for a in again.accepted] == [a.offset for a in first.accepted] == [0, 3]
     assert again.duplicates == first.duplicates == 1
-    assert [(d.reason, d.offset) for d in again.dead_letters] == [
-        (d.reason, d.offset) for d in first.dead_letters
-    ] == [("conflicting_duplicate", 2), ("undecodable", 4)]
+    assert (
+        [(d.reason, d.offset) for d in again.dead_letters]
+        == [(d.reason, d.offset) for d in first.dead_letters]
+        == [("conflicting_duplicate", 2), ("undecodable", 4)]
+    )
 
 
 def test_an_index_filled_from_the_warehouse_keeps_the_first_one() -> None:
@@ -198,8 +213,9 @@ def test_an_index_filled_from_the_warehouse_keeps_the_first_one() -> None:
     stored = record(subscriber_id=pseudonymise(PHONE, KEY))
     index.add(dedup_key(stored), payload_hash(stored), 0, 100, stored["event_time"])
     ingest = IngestStage(CODEC, Rules(), KEY, index)
-    result = ingest.process([message(record(), 100), message(record(), 200),
-                             message(record(input_tokens=1), 201)])
+    result = ingest.process(
+        [message(record(), 100), message(record(), 200), message(record(input_tokens=1), 201)]
+    )
     assert [a.offset for a in result.accepted] == [100]  # its own position: the sink skips it
     assert result.duplicates == 1
     assert [d.reason for d in result.dead_letters] == ["conflicting_duplicate"]
@@ -219,11 +235,14 @@ def test_event_times_outside_datetime64_stay_in_the_payload_only() -> None:
         ms(1899, 12, 31, 23, 59, 59): None,
         -(2**62): None,
     }
-    messages = [message(record(event_id=f"e{i}", event_time=t), i)
-                for i, t in enumerate(cases)]
+    messages = [message(record(event_id=f"e{i}", event_time=t), i) for i, t in enumerate(cases)]
     result = stage().process(messages)
     assert [d.reason for d in result.dead_letters] == [
-        "future_event_time", "future_event_time", "too_late", "too_late", "too_late"
+        "future_event_time",
+        "future_event_time",
+        "too_late",
+        "too_late",
+        "too_late",
     ]
     assert [d.event_time_ms for d in result.dead_letters] == list(cases.values())
     # the payload keeps the time as sent (as text; beyond datetime's range as "<n> ms")

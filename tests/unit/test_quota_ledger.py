@@ -21,11 +21,11 @@ from pipeline.metering.quota import (
     QuotaLedger,
     ReservationNotFoundError,
     ReservationSettledError,
+    Usage,
     crossing_id,
     parse_thresholds,
     period_start_ms,
     to_tu,
-    Usage,
 )
 
 D = Decimal
@@ -134,7 +134,12 @@ def test_thresholds_once_per_period_and_roll_over() -> None:
     assert q.crossings(NOW) == []
     q.add_usage(NOW, D(1), event_id="ev-x")
     [c] = q.crossings(NOW, trigger_event_id="ev-x")
-    assert (c.threshold, c.kind, c.period, c.trigger_event_id) == (50, "threshold", "2026-11-28", "ev-x")
+    assert (c.threshold, c.kind, c.period, c.trigger_event_id) == (
+        50,
+        "threshold",
+        "2026-11-28",
+        "ev-x",
+    )
     assert q.crossings(NOW) == []
     q.add_usage(NOW, D(600))  # 1100: crosses 80 and 100 at once
     crossed = q.crossings(NOW)
@@ -200,9 +205,7 @@ def test_amounts_and_definitions_are_validated() -> None:
         QuotaDefinition(tenant_id="t", period="week", limit_tu=D(1))  # type: ignore[arg-type]
     with pytest.raises(ValidationError, match="pseudonym"):
         QuotaDefinition(tenant_id="t", subscriber_id="13800138000", period="day", limit_tu=D(1))
-    d = QuotaDefinition(
-        tenant_id="t", subscriber_id="sub_" + "a" * 32, period="day", limit_tu=D(1)
-    )
+    d = QuotaDefinition(tenant_id="t", subscriber_id="sub_" + "a" * 32, period="day", limit_tu=D(1))
     assert d.topic_key == "t/sub_" + "a" * 32
 
 

@@ -288,8 +288,8 @@ def test_run_id_depends_on_the_exact_changes_only() -> None:
 
 
 def test_period_span_covers_the_beijing_months_of_the_range() -> None:
-    def at(*args: int) -> int:
-        return int(datetime(*args, tzinfo=UTC).timestamp() * 1000)
+    def at(year: int, month: int, day: int, hour: int = 0) -> int:
+        return int(datetime(year, month, day, hour, tzinfo=UTC).timestamp() * 1000)
 
     # 30 Nov 23:00 .. 1 Dec 01:00 Beijing time
     span = period_span_ms(at(2026, 11, 30, 15), at(2026, 11, 30, 17))

@@ -99,8 +99,12 @@ def test_encoding_is_single_object_encoding() -> None:
 
 
 def test_round_trip_keeps_every_field_and_time_as_epoch_ms() -> None:
-    for rec in (record(), record(transaction_id=None, routing_policy=None, latency_ms=None,
-                                 region=None, attributes={})):
+    for rec in (
+        record(),
+        record(
+            transaction_id=None, routing_policy=None, latency_ms=None, region=None, attributes={}
+        ),
+    ):
         decoded = CODEC.decode(CODEC.encode(rec))
         assert decoded == rec
         assert isinstance(decoded["event_time"], int)
@@ -246,6 +250,15 @@ def test_dead_letters_round_trip_through_their_schema() -> None:
         event_time_ms=1_795_852_740_000,
     )
     assert codec.decode(codec.encode(letter.to_avro())) == letter.to_avro()
-    raw = DeadLetter("undecodable", "decode", "payload: junk", b"\xff\x00", "raw",
-                     "usage-events", 0, 1, 1_795_852_800_000)
+    raw = DeadLetter(
+        "undecodable",
+        "decode",
+        "payload: junk",
+        b"\xff\x00",
+        "raw",
+        "usage-events",
+        0,
+        1,
+        1_795_852_800_000,
+    )
     assert codec.decode(codec.encode(raw.to_avro()))["event_time"] is None

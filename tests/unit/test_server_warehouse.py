@@ -91,6 +91,7 @@ def test_a_bad_url_names_the_setting_and_not_the_password(url: str) -> None:
         ("clickhouse://meter:p@ss@ch/db", "clickhouse://meter:***@ch/db"),
         ("clickhouses://ch:8443/db", "clickhouses://ch:8443/db"),
         ("clickhouse://meter@ch/db", "clickhouse://meter@ch/db"),
+        ("meter:hunter2@ch.example", "***@ch.example"),
     ],
 )
 def test_redact_url_hides_only_the_password(url: str, expected: str) -> None:
@@ -112,9 +113,11 @@ def test_connecting_sends_the_credentials_and_hides_them(
     assert queries[1].startswith("SELECT name, value, readonly FROM system.settings")
     # the URL-encoded password arrived decoded, as HTTP basic auth, never in the URL
     for request in stub.requests:
-        user, _, password = base64.b64decode(
-            request.headers["Authorization"].removeprefix("Basic ")
-        ).decode().partition(":")
+        user, _, password = (
+            base64.b64decode(request.headers["Authorization"].removeprefix("Basic "))
+            .decode()
+            .partition(":")
+        )
         assert (user, password) == (USER, PASSWORD)
         assert PASSWORD not in str(request.params)
     assert stub.last("system.settings").params["database"] == "tm"
@@ -170,11 +173,12 @@ def test_query_parameters_are_sent_for_server_side_binding(
 ) -> None:
     stub.answer("FROM usage_events WHERE", pa.table({"n": pa.array([1], pa.uint64())}))
     wh.query_arrow(
-        "SELECT count() AS n FROM usage_events WHERE tenant_id = {t:String} AND offset > {o:UInt64}",
+        "SELECT count() AS n FROM usage_events "
+        "WHERE tenant_id = {t:String} AND offset > {o:UInt64}",
         {"t": "tenant-'a", "o": 41},
     )
     request = stub.last("FROM usage_events WHERE")
-    assert request.params["param_t"] == "tenant-'a"
+    assert request.params["param_t"] == "tenant-\\'a"  # ClickHouse's escaped text form
     assert request.params["param_o"] == "41"
     assert "{t:String}" in request.query  # the value never spliced into the SQL
 
@@ -189,8 +193,12 @@ def test_execute_sends_the_statement(stub: ClickHouseHTTPStub, wh: ServerWarehou
 def test_server_errors_become_one_line_warehouse_errors(
     stub: ClickHouseHTTPStub, wh: ServerWarehouse
 ) -> None:
-    stub.fail_on("FROM missing_table", 60, "UNKNOWN_TABLE",
-                 "Unknown table expression identifier 'missing_table'")
+    stub.fail_on(
+        "FROM missing_table",
+        60,
+        "UNKNOWN_TABLE",
+        "Unknown table expression identifier 'missing_table'",
+    )
     stub.fail_on("DROP TABLE", 497, "ACCESS_DENIED", "meter: Not enough privileges")
     with pytest.raises(WarehouseError) as caught:
         wh.query_arrow("SELECT * FROM missing_table")
@@ -219,8 +227,9 @@ def test_a_refused_readonly_statement_is_a_warehouse_error(
 ) -> None:
     # What the server answers a write under readonly=1 (the refusal itself is the
     # engine's; see test_warehouse.py for it on the real engine).
-    stub.fail_on("INSERT INTO usage_events", 164, "READONLY",
-                 "meter: Cannot execute query in readonly mode")
+    stub.fail_on(
+        "INSERT INTO usage_events", 164, "READONLY", "meter: Cannot execute query in readonly mode"
+    )
     with pytest.raises(WarehouseError, match="READONLY"):
         wh.query_readonly("INSERT INTO usage_events SELECT * FROM usage_events")
     assert stub.last("INSERT INTO usage_events").params["readonly"] == "1"
@@ -232,12 +241,12 @@ def test_non_utf8_strings_come_back_as_bytes(stub: ClickHouseHTTPStub, wh: Serve
     # ClickHouse sends String as Arrow utf8 even when a raw dead-letter payload is not
     # UTF-8; pyarrow cannot turn that into Python values without help.
     payloads = [b"\xff\xfe raw", b"ok"]
-    raw = pa.Array.from_buffers(
-        pa.string(), 2, pa.array(payloads, pa.binary()).buffers()
-    )
+    raw = pa.Array.from_buffers(pa.string(), 2, pa.array(payloads, pa.binary()).buffers())
     stub.answer("FROM dead_letters", pa.table({"payload": raw}))
-    for result in (wh.query_arrow("SELECT payload FROM dead_letters"),
-                   wh.query_readonly("SELECT payload FROM dead_letters")):
+    for result in (
+        wh.query_arrow("SELECT payload FROM dead_letters"),
+        wh.query_readonly("SELECT payload FROM dead_letters"),
+    ):
         assert result.column("payload").to_pylist() == payloads
 
 
@@ -263,8 +272,9 @@ def test_insert_arrow_sends_the_table_columns_rows_and_token(
     assert insert.params["database"] == "tm"
 
 
-def test_insert_without_token_and_empty_inserts(stub: ClickHouseHTTPStub,
-                                                wh: ServerWarehouse) -> None:
+def test_insert_without_token_and_empty_inserts(
+    stub: ClickHouseHTTPStub, wh: ServerWarehouse
+) -> None:
     data = pa.table({"a": pa.array([1], pa.uint8())})
     wh.insert_arrow("t", data)
     assert "insert_deduplication_token" not in stub.inserts[-1].params

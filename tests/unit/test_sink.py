@@ -30,11 +30,14 @@ from pipeline.warehouse.base import quote_literal
 
 TABLE = "usage_events"
 NOW = 1_795_852_800_000
-RATING = Rating(Decimal("1.500000"), Decimal("0.010000"), Decimal("0.010000"), True,
-                "2026-11", "*/*")
+RATING = Rating(
+    Decimal("1.500000"), Decimal("0.010000"), Decimal("0.010000"), True, "2026-11", "*/*"
+)
 
 
-def usage_rows(topic: str, offsets: Sequence[int], partition: int = 0) -> pa.Table:
+def usage_rows(
+    topic: str, offsets: Sequence[int], partition: int = 0, ingested_at: datetime | None = None
+) -> pa.Table:
     """``usage_events`` rows for these offsets of one partition (as the worker builds
     them)."""
     rated = []
@@ -65,7 +68,7 @@ def usage_rows(topic: str, offsets: Sequence[int], partition: int = 0) -> pa.Tab
         }
         acc = Accepted(rec, payload_hash(rec), topic, partition, offset, NOW)
         rated.append(Rated(acc, RATING, None, "2026-11"))
-    return usage_events_table(rated, datetime.now(tz=UTC))
+    return usage_events_table(rated, ingested_at or datetime.now(tz=UTC))
 
 
 def concat(*tables: pa.Table) -> pa.Table:
@@ -91,8 +94,13 @@ class FlakyWarehouse:
     ``query_failures`` queries) failing like a lost connection. ``land_then_fail`` makes a
     failing insert reach the engine first: the write landed, only its answer was lost."""
 
-    def __init__(self, real: Warehouse, insert_failures: int = 0, query_failures: int = 0,
-                 land_then_fail: bool = False) -> None:
+    def __init__(
+        self,
+        real: Warehouse,
+        insert_failures: int = 0,
+        query_failures: int = 0,
+        land_then_fail: bool = False,
+    ) -> None:
         self.real = real
         self.kind = real.kind
         self.location = real.location
@@ -133,13 +141,17 @@ class FlakyWarehouse:
 
 def test_unstored_keeps_rows_above_each_partitions_mark(topic: str) -> None:
     tracked = TrackedTable(TABLE)
-    data = concat(usage_rows(topic, range(5), 0), usage_rows(topic, range(5), 1),
-                  usage_rows(topic, range(2), 2))
+    data = concat(
+        usage_rows(topic, range(5), 0),
+        usage_rows(topic, range(5), 1),
+        usage_rows(topic, range(2), 2),
+    )
     assert tracked.unstored(data).num_rows == 12  # no marks: everything
     tracked.marks = {(topic, 0): 2, (topic, 1): 10}
     todo = tracked.unstored(data)
-    pairs = list(zip(todo.column("partition").to_pylist(), todo.column("offset").to_pylist(),
-                     strict=True))
+    pairs = list(
+        zip(todo.column("partition").to_pylist(), todo.column("offset").to_pylist(), strict=True)
+    )
     assert pairs == [(0, 3), (0, 4), (2, 0), (2, 1)]  # partition 2 has no mark yet
     assert tracked.fresh(topic, 0, 3) and not tracked.fresh(topic, 0, 2)
     assert tracked.fresh(topic, 2, 0) and not tracked.fresh(topic, 1, 10)
@@ -161,8 +173,9 @@ def test_advance_raises_marks_and_never_lowers_them(topic: str) -> None:
 def test_load_reads_the_highest_stored_offset_per_partition(
     warehouse: Warehouse, topic: str
 ) -> None:
-    warehouse.insert_arrow(TABLE, concat(usage_rows(topic, [0, 1, 7], 0),
-                                         usage_rows(topic, [4], 3)))
+    warehouse.insert_arrow(
+        TABLE, concat(usage_rows(topic, [0, 1, 7], 0), usage_rows(topic, [4], 3))
+    )
     tracked = TrackedTable(TABLE, marks={(topic, 2): 99})  # stale: partition 2 is empty
     tracked.load(warehouse, topic, [0, 2, 3, 3])
     assert tracked.marks == {(topic, 0): 7, (topic, 3): 4}
@@ -208,11 +221,13 @@ def test_a_restarted_sink_reloads_its_marks_and_skips_what_is_stored(
 
 
 def test_the_dedup_token_protects_even_without_marks(warehouse: Warehouse, topic: str) -> None:
-    # A retry whose marks are stale (the answer of the first insert was lost) sends the
-    # same block with the same token: ClickHouse drops it.
-    batch = usage_rows(topic, range(4))
-    Sink(warehouse, [TABLE]).write(TABLE, batch)
-    Sink(warehouse, [TABLE]).write(TABLE, batch)  # no ensure_loaded: no marks at all
+    # A retry whose marks are stale sends the same positions again, rebuilt with another
+    # ingested_at (so ClickHouse's content hash differs): the token still drops it.
+    first = datetime(2026, 11, 28, 8, 0, 0, tzinfo=UTC)
+    again = datetime(2026, 11, 28, 8, 0, 5, tzinfo=UTC)
+    Sink(warehouse, [TABLE]).write(TABLE, usage_rows(topic, range(4), ingested_at=first))
+    # no ensure_loaded: no marks at all
+    Sink(warehouse, [TABLE]).write(TABLE, usage_rows(topic, range(4), ingested_at=again))
     assert stored(warehouse, topic) == [(0, o) for o in range(4)]
 
 
@@ -226,9 +241,12 @@ def test_a_replay_with_other_batch_boundaries_stores_each_row_once(
     replay = Sink(warehouse, [TABLE])
     replay.ensure_loaded(topic, [0, 1])
     assert replay.write(TABLE, usage_rows(topic, range(3, 8))) == 0
-    assert replay.write(
-        TABLE, concat(usage_rows(topic, range(8, 13)), usage_rows(topic, range(1, 6), 1))
-    ) == 3 + 3
+    assert (
+        replay.write(
+            TABLE, concat(usage_rows(topic, range(8, 13)), usage_rows(topic, range(1, 6), 1))
+        )
+        == 3 + 3
+    )
     assert stored(warehouse, topic) == [(0, o) for o in range(13)] + [(1, o) for o in range(6)]
 
 
@@ -263,13 +281,15 @@ def test_a_failing_warehouse_is_retried_until_the_rows_are_stored(
 ) -> None:
     flaky = FlakyWarehouse(warehouse, insert_failures=3)
     retries: list[tuple[str, int, str]] = []
-    sink = Sink(flaky, [TABLE], retry_max_s=0.01,
-                on_retry=lambda t, n, e: retries.append((t, n, str(e))))
+    sink = Sink(
+        flaky, [TABLE], retry_max_s=0.01, on_retry=lambda t, n, e: retries.append((t, n, str(e)))
+    )
     assert sink.write(TABLE, usage_rows(topic, range(6))) == 6
     assert [(t, n) for t, n, _ in retries] == [(TABLE, 1), (TABLE, 2), (TABLE, 3)]
     assert "injected" in retries[0][2]
     assert flaky.insert_calls == 4
-    assert len(set(flaky.tokens)) == 1  # every attempt is the same block, same token
+    # every attempt is the same block, with the same token
+    assert flaky.tokens[0] is not None and set(flaky.tokens) == {flaky.tokens[0]}
     assert stored(warehouse, topic) == [(0, o) for o in range(6)]
 
 
@@ -314,8 +334,13 @@ def test_a_stopping_worker_aborts_the_retries_and_stores_nothing(
 ) -> None:
     flaky = FlakyWarehouse(warehouse, insert_failures=10**6)
     stopping = {"now": False}
-    sink = Sink(flaky, [TABLE], retry_max_s=30, should_stop=lambda: stopping["now"],
-                on_retry=lambda *_: stopping.update(now=True))
+    sink = Sink(
+        flaky,
+        [TABLE],
+        retry_max_s=30,
+        should_stop=lambda: stopping["now"],
+        on_retry=lambda *_: stopping.update(now=True),
+    )
     started = time.monotonic()
     with pytest.raises(SinkAbortedError, match=TABLE):
         sink.write(TABLE, usage_rows(topic, range(3)))
@@ -324,5 +349,11 @@ def test_a_stopping_worker_aborts_the_retries_and_stores_nothing(
     assert (topic, 0) not in sink.tables[TABLE].marks  # nothing claimed as stored
     # once the warehouse is back, the same batch is stored whole
     assert Sink(warehouse, [TABLE]).write(TABLE, usage_rows(topic, range(3))) == 3
-    assert scalar(warehouse.query_arrow(
-        f"SELECT count() FROM {TABLE} WHERE topic = {quote_literal(topic)}")) == 3
+    assert (
+        scalar(
+            warehouse.query_arrow(
+                f"SELECT count() FROM {TABLE} WHERE topic = {quote_literal(topic)}"
+            )
+        )
+        == 3
+    )

@@ -74,15 +74,17 @@ def run_script(script: str, *args: str, timeout: float = 120) -> dict[str, Any]:
     raise AssertionError(f"no result (exit {done.returncode}):\n{done.stdout}\n{done.stderr}")
 
 
-# ---- migrations -----------------------------------------------------------------------
+# ---- a fresh process: migrations from scratch, one path at a time -----------------------
 
-MIGRATE = r"""
+FRESH = r"""
 import json, sys
 from pathlib import Path
 from pipeline.settings import load_settings
-from pipeline.warehouse import WarehouseError, apply_migrations, open_warehouse, rows
+from pipeline.warehouse import (
+    WarehouseError, WarehouseLockedError, apply_migrations, open_warehouse, rows)
+from pipeline.warehouse.embedded import EmbeddedWarehouse
 
-data, mig = Path(sys.argv[1]), Path(sys.argv[2])
+data, mig, other = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 out = {}
 wh = open_warehouse(load_settings(data_dir=data))  # the real entry point, real files
 out["kind"] = wh.kind
@@ -110,7 +112,22 @@ except WarehouseError as exc:
 out["never_exists"] = rows(wh.query_arrow("EXISTS TABLE never"))[0]["result"]
 out["ledger_after"] = wh.query_arrow(
     "SELECT version FROM schema_migrations ORDER BY version").column(0).to_pylist()
+
+# chdb: the same path again shares the engine; another path fails while one is open
+same = EmbeddedWarehouse(Path(wh.location))
+out["same_path_sees"] = rows(same.query_arrow("SELECT count() AS n FROM probe"))[0]["n"]
+try:
+    EmbeddedWarehouse(other)
+    out["second_path"] = "opened"
+except WarehouseLockedError as exc:
+    out["second_path"] = "locked: " + str(exc)
+except WarehouseError as exc:
+    out["second_path"] = "error: " + str(exc)
+same.close()
 wh.close()
+second = EmbeddedWarehouse(other)  # once closed, another path opens
+out["second_after_close"] = second.query_arrow("SELECT 1 AS one").column(0).to_pylist()
+second.close()
 
 wh = open_warehouse(load_settings(data_dir=data))  # reopen: persisted, nothing re-applied
 out["reopened_rows"] = rows(wh.query_arrow("SELECT count() AS n FROM probe"))[0]["n"]
@@ -122,48 +139,65 @@ print("RESULT " + json.dumps(out))
 
 
 @pytest.fixture(scope="module")
-def migrated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """One fresh warehouse, migrated from scratch in its own process."""
-    base = tmp_path_factory.mktemp("migrations")
+def fresh(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One new process with its own chdb: a warehouse migrated from scratch, then the
+    one-path-per-process rule probed."""
+    base = tmp_path_factory.mktemp("fresh")
     mig = base / "migrations"
     shutil.copytree(MIGRATIONS_DIR, mig)
-    return run_script(MIGRATE, str(base / "data"), str(mig))
+    return run_script(FRESH, str(base / "data"), str(mig), str(base / "other"))
 
 
-def test_a_fresh_warehouse_gets_every_migration_in_order(migrated: dict[str, Any]) -> None:
+def test_a_fresh_warehouse_gets_every_migration_in_order(fresh: dict[str, Any]) -> None:
     files = discover()
-    assert migrated["kind"] == "embedded"
-    assert [r["version"] for r in migrated["ledger"]] == [m.version for m in files]
-    assert [r["version"] for r in migrated["ledger"]] == sorted(m.version for m in files)
-    assert [r["name"] for r in migrated["ledger"]] == [m.name for m in files]
-    assert [r["checksum"] for r in migrated["ledger"]] == [m.checksum for m in files]
+    assert fresh["kind"] == "embedded"
+    assert [r["version"] for r in fresh["ledger"]] == [m.version for m in files]
+    assert [r["version"] for r in fresh["ledger"]] == sorted(m.version for m in files)
+    assert [r["name"] for r in fresh["ledger"]] == [m.name for m in files]
+    assert [r["checksum"] for r in fresh["ledger"]] == [m.checksum for m in files]
     # the contract's tables exist
-    for table in ("usage_events", "dead_letters", "rated_usage", "usage_minute",
-                  "usage_hour", "usage_day", "usage_corrections", "price_cards"):
-        assert table in migrated["tables"]
+    for table in (
+        "usage_events",
+        "dead_letters",
+        "rated_usage",
+        "usage_minute",
+        "usage_hour",
+        "usage_day",
+        "usage_corrections",
+        "price_cards",
+    ):
+        assert table in fresh["tables"]
 
 
-def test_rerunning_migrations_is_a_no_op(migrated: dict[str, Any]) -> None:
-    assert migrated["rerun"] == []
-    assert migrated["probe_rerun"] == []
-    assert migrated["reopened_ledger"] == len(discover()) + 2
+def test_rerunning_migrations_is_a_no_op(fresh: dict[str, Any]) -> None:
+    assert fresh["rerun"] == []
+    assert fresh["probe_rerun"] == []
+    assert fresh["reopened_ledger"] == len(discover()) + 2
 
 
-def test_new_migrations_apply_in_version_order(migrated: dict[str, Any]) -> None:
-    assert migrated["probe_applied"] == [900, 901]
+def test_new_migrations_apply_in_version_order(fresh: dict[str, Any]) -> None:
+    assert fresh["probe_applied"] == [900, 901]
     # 901 alters what 900 created; a ';' inside a string literal does not split it
-    assert migrated["probe_rows"] == [{"a": 1, "b": "x;y"}, {"a": 2, "b": "z"}]
-    assert migrated["reopened_rows"] == 2
+    assert fresh["probe_rows"] == [{"a": 1, "b": "x;y"}, {"a": 2, "b": "z"}]
+    assert fresh["reopened_rows"] == 2
 
 
 def test_an_edited_applied_migration_is_refused_before_anything_runs(
-    migrated: dict[str, Any],
+    fresh: dict[str, Any],
 ) -> None:
-    assert migrated["edited"] is not None
-    assert "900_probe.sql changed after it was applied" in migrated["edited"]
-    assert "new migration" in migrated["edited"]
-    assert migrated["never_exists"] == 0  # 902 did not run
-    assert 902 not in migrated["ledger_after"]
+    assert fresh["edited"] is not None
+    assert "900_probe.sql changed after it was applied" in fresh["edited"]
+    assert "new migration" in fresh["edited"]
+    assert fresh["never_exists"] == 0  # 902 did not run
+    assert 902 not in fresh["ledger_after"]
+
+
+def test_chdb_serves_one_path_per_process_at_a_time(fresh: dict[str, Any]) -> None:
+    # The constraint the whole test suite is built around (see the module docstring).
+    assert fresh["same_path_sees"] == 2
+    assert fresh["second_path"].startswith("error: ")
+    assert "already initialized with path" in fresh["second_path"]
+    assert fresh["second_after_close"] == [1]
 
 
 def test_migration_files_must_be_named_and_numbered_uniquely(tmp_path: Path) -> None:
@@ -197,49 +231,7 @@ def test_the_shared_warehouse_is_fully_migrated(warehouse: Warehouse) -> None:
     assert apply_migrations(warehouse) == []
 
 
-# ---- one path per process, and the directory lock ------------------------------------
-
-ONE_PATH = r"""
-import json, sys
-from pathlib import Path
-from pipeline.warehouse import WarehouseError, WarehouseLockedError
-from pipeline.warehouse.embedded import EmbeddedWarehouse
-
-a, b = Path(sys.argv[1]), Path(sys.argv[2])
-out = {}
-first = EmbeddedWarehouse(a)
-first.execute("CREATE TABLE t (x UInt8) ENGINE = MergeTree ORDER BY x")
-first.execute("INSERT INTO t VALUES (7)")
-same = EmbeddedWarehouse(a)  # the same path again in one process: shares the engine
-out["same_path_sees"] = same.query_arrow("SELECT x FROM t").column(0).to_pylist()
-try:
-    EmbeddedWarehouse(b)
-    out["second_path"] = "opened"
-except WarehouseLockedError as exc:
-    out["second_path"] = "locked: " + str(exc)
-except WarehouseError as exc:
-    out["second_path"] = "error: " + str(exc)
-first.close()
-same.close()
-second = EmbeddedWarehouse(b)  # after closing, another path opens
-out["second_after_close"] = second.query_arrow("SELECT 1 AS one").column(0).to_pylist()
-second.close()
-again = EmbeddedWarehouse(a)
-out["first_again"] = again.query_arrow("SELECT x FROM t").column(0).to_pylist()
-again.close()
-print("RESULT " + json.dumps(out))
-"""
-
-
-def test_chdb_serves_one_path_per_process_at_a_time(tmp_path: Path) -> None:
-    # Documents the constraint the whole test suite is built around (see module doc).
-    out = run_script(ONE_PATH, str(tmp_path / "a"), str(tmp_path / "b"))
-    assert out["same_path_sees"] == [7]
-    assert out["second_path"].startswith("error: ")
-    assert "already initialized with path" in out["second_path"]
-    assert out["second_after_close"] == [1]
-    assert out["first_again"] == [7]
-
+# ---- the directory lock between processes ------------------------------------------------
 
 HOLD = r"""
 import sys
@@ -253,50 +245,77 @@ sys.stdin.readline()
 wh.close()
 """
 
-TRY_OPEN = r"""
+CONTEND = r"""
 import json, sys
 from pathlib import Path
 from pipeline.warehouse import WarehouseError, WarehouseLockedError
 from pipeline.warehouse.embedded import EmbeddedWarehouse
-try:
-    wh = EmbeddedWarehouse(Path(sys.argv[1]))
-except WarehouseLockedError as exc:
-    out = {"locked": str(exc)}
-except WarehouseError as exc:
-    out = {"error": str(exc)}
-else:
-    out = {"rows": wh.query_arrow("SELECT count() AS n FROM held").column(0).to_pylist()}
+
+def attempt():
+    try:
+        wh = EmbeddedWarehouse(Path(sys.argv[1]))
+    except WarehouseLockedError as exc:
+        return {"locked": str(exc)}
+    except WarehouseError as exc:
+        return {"error": str(exc)}
+    found = wh.query_arrow("SELECT count() AS n FROM held").column(0).to_pylist()
     wh.close()
-print("RESULT " + json.dumps(out))
+    return {"rows": found}
+
+sys.stdin.readline()  # the holder has the lock
+print("RESULT " + json.dumps(attempt()), flush=True)
+sys.stdin.readline()  # the holder has closed: try again, in the same process
+print("RESULT " + json.dumps(attempt()), flush=True)
 """
 
 
-def test_a_second_process_gets_warehouse_locked_error(tmp_path: Path) -> None:
-    path = tmp_path / "warehouse"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD, str(path)],
+def _python(script: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", script, *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,  # chdb prints the lock failure there too
         text=True,
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
+
+
+def _result(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("RESULT "):
+            found: dict[str, Any] = json.loads(line[len("RESULT ") :])
+            return found
+    raise AssertionError(f"no result, exit {proc.wait()}")
+
+
+def test_a_second_process_gets_warehouse_locked_error_until_release(tmp_path: Path) -> None:
+    path = tmp_path / "warehouse"
+    holder = _python(HOLD, str(path))
+    contender = _python(CONTEND, str(path))  # starts up meanwhile, then waits
     try:
         assert holder.stdout is not None and holder.stdin is not None
+        assert contender.stdin is not None
         assert holder.stdout.readline().strip() == "ready"
-        out = run_script(TRY_OPEN, str(path))
-        assert "locked" in out, out
-        assert str(path) in out["locked"]
-        assert "tokenmeter worker" in out["locked"]  # tells the user what holds it
+        contender.stdin.write("\n")
+        contender.stdin.flush()
+        first = _result(contender)
+        assert "locked" in first, first
+        assert str(path) in first["locked"]
+        assert "tokenmeter worker" in first["locked"]  # tells the user what holds it
         holder.stdin.write("\n")
         holder.stdin.flush()
         assert holder.wait(timeout=60) == 0
+        # released on close: the waiting process now opens it and sees the data
+        contender.stdin.write("\n")
+        contender.stdin.flush()
+        assert _result(contender) == {"rows": [2]}
+        assert contender.wait(timeout=60) == 0
     finally:
-        if holder.poll() is None:
-            holder.kill()
-    # released on close: the next process opens it and sees the data
-    assert run_script(TRY_OPEN, str(path)) == {"rows": [2]}
+        for proc in (holder, contender):
+            if proc.poll() is None:
+                proc.kill()
 
 
 # ---- read-only queries ------------------------------------------------------------------
@@ -305,7 +324,9 @@ def test_a_second_process_gets_warehouse_locked_error(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def probe_table(warehouse: Warehouse) -> str:
     name = unique("ro_probe")
-    warehouse.execute(f"CREATE TABLE {name} (id UInt32, label String) ENGINE = MergeTree ORDER BY id")
+    warehouse.execute(
+        f"CREATE TABLE {name} (id UInt32, label String) ENGINE = MergeTree ORDER BY id"
+    )
     return name
 
 
@@ -439,7 +460,9 @@ def test_query_parameters_are_bound_by_the_engine(warehouse: Warehouse) -> None:
     assert rows(result) == [{"n": 42, "s": "it's"}]
 
 
-@pytest.mark.parametrize("text", ["plain", "it's", "back\\slash", "quote'); DROP TABLE x; --", "多字节"])
+@pytest.mark.parametrize(
+    "text", ["plain", "it's", "back\\slash", "quote'); DROP TABLE x; --", "多字节"]
+)
 def test_quote_literal_round_trips_through_the_engine(warehouse: Warehouse, text: str) -> None:
     assert scalar(warehouse.query_arrow(f"SELECT {quote_literal(text)} AS s")) == text
 
@@ -478,8 +501,7 @@ AMOUNTS = [
 def test_decimal_round_trip_is_exact(warehouse: Warehouse) -> None:
     table = unique("dec_probe")
     warehouse.execute(
-        f"CREATE TABLE {table} (id UInt32, amount Decimal(38, 6)) "
-        "ENGINE = MergeTree ORDER BY id"
+        f"CREATE TABLE {table} (id UInt32, amount Decimal(38, 6)) ENGINE = MergeTree ORDER BY id"
     )
     data = pa.table(
         {"id": pa.array(range(len(AMOUNTS)), pa.uint32()), "amount": pa.array(AMOUNTS, DEC)}
@@ -509,7 +531,7 @@ def test_non_utf8_bytes_come_back_as_bytes(warehouse: Warehouse) -> None:
     ):
         assert result.column("payload").to_pylist() == payloads
     # valid text stays text
-    assert warehouse.query_arrow(f"SELECT 'héllo' AS s").column("s").to_pylist() == ["héllo"]
+    assert warehouse.query_arrow("SELECT 'héllo' AS s").column("s").to_pylist() == ["héllo"]
 
 
 def test_binary_unless_utf8_leaves_valid_tables_alone() -> None:
@@ -520,16 +542,26 @@ def test_binary_unless_utf8_leaves_valid_tables_alone() -> None:
 def test_a_retried_block_with_the_same_token_is_stored_once(warehouse: Warehouse) -> None:
     table = unique("token_probe")
     warehouse.execute(
-        f"CREATE TABLE {table} (id UInt32) ENGINE = MergeTree ORDER BY id "
-        "SETTINGS non_replicated_deduplication_window = 100"
+        f"CREATE TABLE {table} (id UInt32, at DateTime64(3, 'UTC')) "
+        "ENGINE = MergeTree ORDER BY id SETTINGS non_replicated_deduplication_window = 100"
     )
-    data = pa.table({"id": pa.array([1, 2, 3], pa.uint32())})
-    warehouse.insert_arrow(table, data, dedup_token="block-1")
-    warehouse.insert_arrow(table, data, dedup_token="block-1")  # the retry
+
+    def block(second: int) -> pa.Table:
+        at = datetime(2026, 11, 28, 8, 0, second, tzinfo=UTC)
+        return pa.table(
+            {
+                "id": pa.array([1, 2, 3], pa.uint32()),
+                "at": pa.array([at] * 3, pa.timestamp("ms", "UTC")),
+            }
+        )
+
+    warehouse.insert_arrow(table, block(0), dedup_token="block-1")
+    # the retry was rebuilt (another timestamp): the token, not the content, identifies it
+    warehouse.insert_arrow(table, block(5), dedup_token="block-1")
     assert scalar(warehouse.query_arrow(f"SELECT count() FROM {table}")) == 3
-    warehouse.insert_arrow(table, data, dedup_token="block-2")  # a different block
+    warehouse.insert_arrow(table, block(0), dedup_token="block-2")  # another block
     assert scalar(warehouse.query_arrow(f"SELECT count() FROM {table}")) == 6
-    assert warehouse.insert_arrow(table, data.slice(0, 0)) == 0
+    assert warehouse.insert_arrow(table, block(0).slice(0, 0)) == 0
 
 
 # ---- the worker's Arrow batches, inserted for real --------------------------------------
@@ -575,21 +607,37 @@ def _event(**changes: Any) -> dict[str, Any]:
 def test_usage_events_rows_land_field_for_field(warehouse: Warehouse) -> None:
     topic = unique("t_arrow")
     result = _ingested(
-        [_event(), _event(event_id="evt-2", transaction_id=None, home_carrier="CTCC",
-                          routing_policy=None, latency_ms=None, region=None, attributes={})],
+        [
+            _event(),
+            _event(
+                event_id="evt-2",
+                transaction_id=None,
+                home_carrier="CTCC",
+                routing_policy=None,
+                latency_ms=None,
+                region=None,
+                attributes={},
+            ),
+        ],
         topic,
     )
-    rating = Rating(Decimal("10.000009"), Decimal("12.345678"), Decimal("13.000001"), True,
-                    "2026-11", "CTCC/*")
-    rated = [Rated(a, rating, "gold" if i == 0 else None, "2026-11")
-             for i, a in enumerate(result.accepted)]
+    rating = Rating(
+        Decimal("10.000009"), Decimal("12.345678"), Decimal("13.000001"), True, "2026-11", "CTCC/*"
+    )
+    rated = [
+        Rated(a, rating, "gold" if i == 0 else None, "2026-11")
+        for i, a in enumerate(result.accepted)
+    ]
     ingested_at = datetime(2026, 11, 28, 8, 0, 1, 500_000, tzinfo=UTC)
     data = usage_events_table(rated, ingested_at)
     assert warehouse.insert_arrow("usage_events", data) == 2
 
-    got = rows(warehouse.query_arrow(
-        "SELECT * EXCEPT (ingested_at), toUnixTimestamp64Milli(ingested_at) AS ingested_ms "
-        f"FROM usage_events WHERE topic = {quote_literal(topic)} ORDER BY offset"))
+    got = rows(
+        warehouse.query_arrow(
+            "SELECT * EXCEPT (ingested_at), toUnixTimestamp64Milli(ingested_at) AS ingested_ms "
+            f"FROM usage_events WHERE topic = {quote_literal(topic)} ORDER BY offset"
+        )
+    )
     first, second = got
     expected = dict(result.accepted[0].record)
     for name, value in expected.items():
@@ -601,20 +649,29 @@ def test_usage_events_rows_land_field_for_field(warehouse: Warehouse) -> None:
             assert first[name] == value, name
     assert first["subscriber_id"].startswith("sub_")
     assert (first["token_units"], first["amount"], first["list_amount"]) == (
-        Decimal("10.000009"), Decimal("12.345678"), Decimal("13.000001"))
+        Decimal("10.000009"),
+        Decimal("12.345678"),
+        Decimal("13.000001"),
+    )
     assert first["billable"] is True and first["currency"] == "CNY"
     assert (first["tenant_plan"], second["tenant_plan"]) == ("gold", "")
     assert first["payload_hash"] == result.accepted[0].payload_hash
     assert (first["topic"], first["partition"], first["offset"]) == (topic, 1, 0)
     assert first["ingested_ms"] == int(ingested_at.timestamp() * 1000)
     # absent optional fields are NULL, not empty strings
-    assert (second["transaction_id"], second["routing_policy"], second["latency_ms"],
-            second["region"]) == (None, None, None, None)
+    assert (
+        second["transaction_id"],
+        second["routing_policy"],
+        second["latency_ms"],
+        second["region"],
+    ) == (None, None, None, None)
     assert dict(second["attributes"]) == {}
     # the rated_usage view shows them
-    assert scalar(warehouse.query_arrow(
-        f"SELECT sum(amount) FROM rated_usage WHERE topic = {quote_literal(topic)}"
-    )) == Decimal("24.691356")
+    assert scalar(
+        warehouse.query_arrow(
+            f"SELECT sum(amount) FROM rated_usage WHERE topic = {quote_literal(topic)}"
+        )
+    ) == Decimal("24.691356")
 
 
 def test_dead_letter_rows_land_with_payloads_and_clamped_times(warehouse: Warehouse) -> None:
@@ -637,10 +694,13 @@ def test_dead_letter_rows_land_with_payloads_and_clamped_times(warehouse: Wareho
     data = dead_letters_table(result.dead_letters, datetime(2026, 11, 28, tzinfo=UTC))
     assert warehouse.insert_arrow("dead_letters", data) == 6
 
-    got = rows(warehouse.query_arrow(
-        "SELECT reason, stage, event_id, payload, payload_format, offset, "
-        "toUnixTimestamp64Milli(event_time) AS t, toUnixTimestamp64Milli(failed_at) AS f "
-        f"FROM dead_letters WHERE topic = {quote_literal(topic)} ORDER BY offset"))
+    got = rows(
+        warehouse.query_arrow(
+            "SELECT reason, stage, event_id, payload, payload_format, offset, "
+            "toUnixTimestamp64Milli(event_time) AS t, toUnixTimestamp64Milli(failed_at) AS f "
+            f"FROM dead_letters WHERE topic = {quote_literal(topic)} ORDER BY offset"
+        )
+    )
     assert [(r["reason"], r["stage"]) for r in got] == [
         ("undecodable", "decode"),
         ("negative_tokens", "validate"),

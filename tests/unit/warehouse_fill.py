@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 
@@ -129,8 +130,8 @@ def fill(
     letters = list(result.dead_letters)
     for acc, why in unpriced:
         ingest.dedup.forget(dedup_key(acc.record))
-        msg = RawMessage(acc.topic, acc.partition, acc.offset, acc.arrived_ms, None, b"")
-        letters.append(dead_letter_for(msg, why.to_rejection(), acc.record))
+        where = RawMessage(acc.topic, acc.partition, acc.offset, acc.arrived_ms, None, b"")
+        letters.append(dead_letter_for(where, why.to_rejection(), acc.record))
     store_price_cards(wh, book)
     write_rated(wh, rated)
     now = datetime.now(tz=UTC)
@@ -145,7 +146,7 @@ def fill(
     return Filled(rated, len(letters), late)
 
 
-def sums(wh: Warehouse, table: str, where: str = "1") -> dict[str, object]:
+def sums(wh: Warehouse, table: str, where: str = "1") -> dict[str, Any]:
     """events, tokens, token_units, amount of a rollup table or rated_usage."""
     if table == "rated_usage":
         sql = (
@@ -159,7 +160,7 @@ def sums(wh: Warehouse, table: str, where: str = "1") -> dict[str, object]:
             "sum(token_units) AS token_units, sum(amount) AS amount "
             f"FROM {table} WHERE {where}"
         )
-    row: dict[str, object] = wh.query_arrow(sql).to_pylist()[0]
+    row: dict[str, Any] = wh.query_arrow(sql).to_pylist()[0]
     return {k: int(v) if k.endswith("events") else v for k, v in row.items()}
 
 
