@@ -26,9 +26,11 @@ test: setup
 unit: setup
 	$(BIN)/python -m pytest tests/unit -q
 
-## bench: the benchmarks in tests/perf (print figures; not part of `make test`)
+## bench: end-to-end benchmark on its own broker: pipeline vs ceiling vs naive faust, latency
+##        (BENCH_EVENTS events, default 200000; JSON + logs in bench-results/, a table on stdout)
+BENCH_EVENTS ?= 200000
 bench: setup
-	$(BIN)/python scripts/run_tests.py --bench
+	BENCH_EVENTS=$(BENCH_EVENTS) $(BIN)/python scripts/run_tests.py --bench
 
 lint: setup
 	$(BIN)/ruff check .

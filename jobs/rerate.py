@@ -84,6 +84,7 @@ from decimal import Decimal
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.metering.plans import BEIJING, TenantPlans
 from pipeline.metering.pricing import PriceBook, Unpriced, price_lines_rows
@@ -207,12 +208,6 @@ class Totals:
     token_units: Decimal = _ZERO
     amount: Decimal = _ZERO
     list_amount: Decimal = _ZERO
-
-    def add(self, token_units: Decimal, amount: Decimal, list_amount: Decimal) -> None:
-        self.events += 1
-        self.token_units += token_units
-        self.amount += amount
-        self.list_amount += list_amount
 
 
 @dataclass
@@ -486,61 +481,113 @@ def _rate_in_log_order(
     return ratings, unpriced
 
 
+_RATED_FIELDS = (
+    "event_ms",
+    "tenant_id",
+    "serving_carrier",
+    "model_id",
+    "status",
+    *_TOKENS,
+    "topic",
+    "partition",
+    "offset",
+    "plan_period",
+    "tier_usage_tu",
+    "reporting_carrier",
+    "event_id",
+)
+
+
 def _rate_and_compare(report: RerateReport, data: pa.Table, rater: RateStage) -> None:
-    c = {name: data.column(name).to_pylist() for name in data.column_names}
+    """Rate in log order (Python, the worker's code), then compare and total with Arrow."""
+    c = {name: data.column(name).to_pylist() for name in _RATED_FIELDS}
     ratings, unpriced = _rate_in_log_order(report, c, rater)
     if unpriced:
         raise UnpricedEventsError(unpriced)
-    old_cols = [c[name] for name in RATING_COLUMNS]
-    entries: list[tuple[str, str, tuple[Any, ...], tuple[Any, ...]]] = []
-    changed_rows: list[int] = []
-    new_ratings: list[tuple[Any, ...]] = []
-    by_model: dict[str, tuple[Totals, Totals]] = {}
-    for i in sorted(ratings):
-        r = ratings[i]
-        rating = r.rating
-        new = (
-            rating.token_units,
-            rating.amount,
-            rating.list_amount,
-            rating.price_card_version,
-            rating.price_line,
-            rating.billable,
-            r.plan or "",
-            r.period,
-            rating.tier_usage_tu,
-        )
-        old = tuple(col[i] for col in old_cols)
-        model = c["model_id"][i]
-        pair = by_model.get(model)
-        if pair is None:
-            pair = by_model[model] = (Totals(), Totals())
-        pair[0].add(old[0], old[1], old[2])
-        pair[1].add(new[0], new[1], new[2])
-        report.old.add(old[0], old[1], old[2])
-        report.new.add(new[0], new[1], new[2])
-        report.by_version_old.setdefault(old[3], Totals()).add(old[0], old[1], old[2])
-        report.by_version_new.setdefault(new[3], Totals()).add(new[0], new[1], new[2])
-        if new != old:
-            changed_rows.append(i)
-            new_ratings.append(new)
-            entries.append(
-                (c["reporting_carrier"][i], c["event_id"][i], (*old, c["rating_run"][i]), new)
-            )
-    report.by_model = dict(sorted(by_model.items()))
-    report.by_version_old = dict(sorted(report.by_version_old.items()))
-    report.by_version_new = dict(sorted(report.by_version_new.items()))
-    report.changed = len(changed_rows)
-    if not changed_rows:
+    rows = sorted(ratings)
+    old = data.take(pa.array(rows, pa.int64()))
+    rated = [ratings[i] for i in rows]
+    new = pa.table(
+        {
+            "token_units": pa.array([r.rating.token_units for r in rated], DEC),
+            "amount": pa.array([r.rating.amount for r in rated], DEC),
+            "list_amount": pa.array([r.rating.list_amount for r in rated], DEC),
+            "price_card_version": pa.array(
+                [r.rating.price_card_version for r in rated], pa.string()
+            ),
+            "price_line": pa.array([r.rating.price_line for r in rated], pa.string()),
+            "billable": pa.array([r.rating.billable for r in rated], pa.bool_()),
+            "tenant_plan": pa.array([r.plan or "" for r in rated], pa.string()),
+            "plan_period": pa.array([r.period for r in rated], pa.string()),
+            "tier_usage_tu": pa.array([r.rating.tier_usage_tu for r in rated], DEC),
+        }
+    )
+    differs = pa.array([False] * len(rows), pa.bool_())
+    for name in RATING_COLUMNS:
+        before = old.column(name).cast(new.column(name).type)
+        differs = pc.or_(differs, pc.not_equal(before, new.column(name)))
+    _totals(report, old, new)
+    changed_old, changed_new = old.filter(differs), new.filter(differs)
+    report.changed = changed_old.num_rows
+    if report.changed == 0:
         return
+    old_cols = {n: changed_old.column(n).to_pylist() for n in (*RATING_COLUMNS, "rating_run")}
+    new_cols = {n: changed_new.column(n).to_pylist() for n in RATING_COLUMNS}
+    entries = [
+        (
+            carrier,
+            event_id,
+            (*(old_cols[n][k] for n in RATING_COLUMNS), old_cols["rating_run"][k]),
+            tuple(new_cols[n][k] for n in RATING_COLUMNS),
+        )
+        for k, (carrier, event_id) in enumerate(
+            zip(
+                changed_old.column("reporting_carrier").to_pylist(),
+                changed_old.column("event_id").to_pylist(),
+                strict=True,
+            )
+        )
+    ]
     report.run_id = run_id_for(entries)
-    report.changes = _journal(report.run_id, c, changed_rows, new_ratings)
+    report.changes = _journal(report.run_id, changed_old, changed_new)
 
 
-def _journal(
-    run_id: str, c: dict[str, list[Any]], rows: list[int], new: list[tuple[Any, ...]]
-) -> pa.Table:
-    cols: dict[str, list[Any]] = {"run_id": [run_id] * len(rows)}
+def _sum(column: pa.ChunkedArray | pa.Array) -> Decimal:
+    value = pc.sum(column).as_py()
+    return _ZERO if value is None else Decimal(value)
+
+
+def _group_totals(keys: pa.ChunkedArray, values: pa.Table) -> dict[str, Totals]:
+    grouped = (
+        pa.table({"k": keys.cast(pa.string()), **{n: values.column(n) for n in _SUMMED}})
+        .group_by("k", use_threads=False)
+        .aggregate([("k", "count"), *((n, "sum") for n in _SUMMED)])
+    )
+    out = {}
+    for row in grouped.to_pylist():
+        out[row["k"]] = Totals(
+            row["k_count"], row["token_units_sum"], row["amount_sum"], row["list_amount_sum"]
+        )
+    return dict(sorted(out.items()))
+
+
+_SUMMED = ("token_units", "amount", "list_amount")
+
+
+def _totals(report: RerateReport, old: pa.Table, new: pa.Table) -> None:
+    n = old.num_rows
+    report.old = Totals(n, *(_sum(old.column(c)) for c in _SUMMED))
+    report.new = Totals(n, *(_sum(new.column(c)) for c in _SUMMED))
+    report.by_version_old = _group_totals(old.column("price_card_version"), old)
+    report.by_version_new = _group_totals(new.column("price_card_version"), new)
+    models = old.column("model_id")
+    by_old, by_new = _group_totals(models, old), _group_totals(models, new)
+    report.by_model = {m: (by_old[m], by_new[m]) for m in by_old}
+
+
+def _journal(run_id: str, old: pa.Table, new: pa.Table) -> pa.Table:
+    """Journal rows (``CHANGES``) from the changed events' stored and new ratings."""
+    cols: dict[str, Any] = {"run_id": pa.array([run_id] * old.num_rows, pa.string())}
     for name in (
         "reporting_carrier",
         "event_id",
@@ -553,14 +600,14 @@ def _journal(
         "partition",
         "offset",
     ):
-        cols[name] = [c[name][i] for i in rows]
-    cols["event_time"] = [c["event_ms"][i] for i in rows]
-    for k, name in enumerate(RATING_COLUMNS):
-        cols[f"old_{name}"] = [c[name][i] for i in rows]
-        cols[f"new_{name}"] = [n[k] for n in new]
-    cols["old_rating_run"] = [c["rating_run"][i] for i in rows]
-    cols["recorded_at"] = [_now()] * len(rows)
-    table = pa.table({f.name: cols[f.name] for f in CHANGES}, schema=CHANGES)
+        cols[name] = old.column(name)
+    cols["event_time"] = pc.cast(old.column("event_ms"), pa.int64()).cast(TS)
+    for name in RATING_COLUMNS:
+        cols[f"old_{name}"] = old.column(name)
+        cols[f"new_{name}"] = new.column(name)
+    cols["old_rating_run"] = old.column("rating_run")
+    cols["recorded_at"] = pa.array([_now()] * old.num_rows, TS)
+    table = pa.table({f.name: cols[f.name].cast(f.type) for f in CHANGES}, schema=CHANGES)
     return table.sort_by([("reporting_carrier", "ascending"), ("event_id", "ascending")])
 
 

@@ -30,7 +30,8 @@ from faust.streams import Stream
 from faust.types import EventT, StreamT
 from mode.types.signals import BaseSignalT
 
-from pipeline.runtime import Pipeline
+from pipeline.metrics import WorkerMetrics
+from pipeline.runtime import BatchReport, Pipeline
 from pipeline.settings import Settings
 from pipeline.stages.ingest import RawMessage
 
@@ -96,8 +97,14 @@ class _Throughput:
 class Worker:
     """The faust app plus the pipeline thread it feeds."""
 
-    def __init__(self, settings: Settings, pipeline_factory: Callable[[], Pipeline]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        pipeline_factory: Callable[[], Pipeline],
+        metrics: WorkerMetrics | None = None,
+    ) -> None:
         self.settings = settings
+        self.metrics = metrics if metrics is not None else WorkerMetrics(settings)
         self._factory = pipeline_factory
         self._pipeline: Pipeline | None = None
         # One thread owns the pipeline (chdb session, dedup index, producers).
@@ -122,7 +129,12 @@ class Worker:
         future = asyncio.get_running_loop().run_in_executor(self.executor, fn, batch)
         try:
             result = await asyncio.shield(future)
-            self.stats.add(len(batch), time.monotonic() - started)
+            elapsed = time.monotonic() - started
+            self.stats.add(len(batch), elapsed)
+            if isinstance(result, BatchReport):
+                self.metrics.observe_batch(result, elapsed)
+            elif isinstance(result, int):  # the dead-letter mirror: rows stored
+                self.metrics.observe_dead_letter_batch(result, elapsed)
             return result
         except asyncio.CancelledError:
             # Stopping: let the write in flight finish; commit only if it did.
@@ -199,9 +211,11 @@ class Worker:
     def start_pipeline(self) -> None:
         """Open the warehouse and the producers (blocking; before the app starts)."""
         self._pipeline = self.executor.submit(self._factory).result()
+        self.metrics.start()
 
     def stop_pipeline(self) -> None:
         """Release the warehouse (after the app stopped)."""
+        self.metrics.close()
         if self._pipeline is not None:
             self.executor.submit(self._pipeline.close).result()
             self._pipeline = None
@@ -214,7 +228,8 @@ def run_worker(settings: Settings, loglevel: str = "info") -> int:
 
     from pipeline.worker_state import worker_pidfile
 
-    worker = Worker(settings, lambda: Pipeline(settings))
+    metrics = WorkerMetrics(settings)
+    worker = Worker(settings, lambda: Pipeline(settings, metrics=metrics), metrics)
     worker.start_pipeline()
     try:
         with worker_pidfile(settings):

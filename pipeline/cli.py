@@ -26,6 +26,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
 )
 stack_app = typer.Typer(help="The local Kafka broker (KRaft, 127.0.0.1).", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
@@ -439,15 +440,17 @@ def demo(
     run_demo(_settings(ctx), events, seed, keep_running, console, err_console)
 
 
-def _mount_optional() -> None:
-    try:
-        from pipeline.cli_prices import prices_app
-    except ImportError:  # pragma: no cover - the module ships with the package
-        return
+def _mount_subcommands() -> None:
+    from pipeline.cli_grafana import register as register_grafana
+    from pipeline.cli_prices import prices_app
+    from pipeline.cli_rerate import register as register_rerate
+
     app.add_typer(prices_app, name="prices")
+    register_rerate(app)
+    register_grafana(app)
 
 
-_mount_optional()
+_mount_subcommands()
 
 
 def main() -> None:

@@ -16,13 +16,11 @@ the worker's Prometheus metrics (``pipeline/metrics.py``). ``expand_sql`` perfor
 plugin's and Grafana's substitutions, so tests run every panel's SQL against the real
 engine.
 
-Quota utilisation reads the quota definitions from a ``quotas`` table of this shape
-(the contract names the table; its columns are this module's assumption, spelled out
-in ``QUOTAS_ASSUMED_DDL`` and named like ``metering.quota.QuotaDefinition``):
-``tenant_id``, ``subscriber_id`` (NULL or empty for a tenant-wide quota), ``period``
-(``day`` | ``month``), ``limit_tu`` and ``updated_at`` (the latest row per tenant is in
-force). Used Token Units are the ledger's: billable TU (``tier_usage_tu``) of the
-stored events in the current Beijing day or month.
+Quota utilisation reads the current tenant-wide definitions from ``quotas``
+(``FINAL``, ``subscriber_id = ''``, ``NOT deleted``) and counts used Token Units as the
+quota ledger does: billable TU (``tier_usage_tu``) of the stored events in the current
+Beijing day or month. Threshold crossings and webhook deliveries come from
+``quota_events`` and ``webhook_deliveries``.
 """
 
 from __future__ import annotations
@@ -53,18 +51,6 @@ DASHBOARDS_PATH = "/var/lib/grafana/dashboards/tokenmeter"  # where the provider
 PASSWORD_ENV = "TOKENMETER_GRAFANA_CLICKHOUSE_PASSWORD"
 ALL = "__all"  # the custom "All" value of multi-value variables
 TZ = "Asia/Shanghai"  # rollup periods and billing periods are Beijing time
-
-QUOTAS_ASSUMED_DDL = """\
-CREATE TABLE IF NOT EXISTS quotas
-(
-    tenant_id     String,
-    subscriber_id Nullable(String) COMMENT 'NULL or empty: the tenant-wide quota',
-    period        LowCardinality(String) COMMENT 'day | month',
-    limit_tu      Decimal(38, 6),
-    updated_at    DateTime64(3, 'UTC')
-)
-ENGINE = MergeTree
-ORDER BY (tenant_id, updated_at)"""
 
 # Alert thresholds, as exact fractions of the quota (numerator, denominator).
 QUOTA_WARNING = (4, 5)  # 80 %
@@ -365,13 +351,9 @@ QUOTA_SQL = _sql(
     f"""
     WITH
         limits AS (
-            SELECT
-                tenant_id,
-                argMax(period, updated_at) AS quota_period,
-                argMax(limit_tu, updated_at) AS quota_limit_tu
-            FROM quotas
-            WHERE ifNull(subscriber_id, '') = ''
-            GROUP BY tenant_id
+            SELECT tenant_id, period AS quota_period, limit_tu AS quota_limit_tu
+            FROM quotas FINAL
+            WHERE subscriber_id = '' AND NOT deleted
         ),
         used AS (
             SELECT
@@ -417,8 +399,9 @@ QUOTA = Dashboard(
     uid="tokenmeter-quota",
     title="tokenmeter / Quota utilisation",
     description=(
-        "Metered Token Units in the current quota period against each tenant's limit "
-        "(quotas + usage_events); warning at 80 %, exhausted at 100 %."
+        "Billable Token Units in the current quota period against each tenant's limit "
+        "(quotas + usage_events); warning at 80 %, exhausted at 100 %; crossings and "
+        "webhook deliveries."
     ),
     variables=(USAGE_VARIABLES[0],),
     time_from="now-30d",
@@ -474,6 +457,47 @@ QUOTA = Dashboard(
             ),
             ["time", "tenant_id", "token_units"],
             w=24,
+        ),
+        Row("Threshold crossings and webhooks"),
+        ch(
+            "Threshold crossings",
+            "table",
+            """
+            SELECT crossed_at, tenant_id, subscriber_id, period, threshold, kind, used_tu,
+                limit_tu, hard
+            FROM quota_events FINAL
+            WHERE $__timeFilter(crossed_at)
+            ORDER BY crossed_at DESC, tenant_id, subscriber_id, threshold
+            LIMIT 200
+            """,
+            [
+                "crossed_at",
+                "tenant_id",
+                "subscriber_id",
+                "period",
+                "threshold",
+                "kind",
+                "used_tu",
+                "limit_tu",
+                "hard",
+            ],
+            w=14,
+            h=9,
+        ),
+        ch(
+            "Webhook deliveries by status",
+            "timeseries",
+            """
+            SELECT $__timeInterval(attempted_at) AS time, status, count() AS deliveries
+            FROM webhook_deliveries
+            WHERE $__timeFilter(attempted_at)
+            GROUP BY time, status
+            ORDER BY time
+            """,
+            ["time", "status", "deliveries"],
+            w=10,
+            h=9,
+            stacked=True,
         ),
         Row("Quota service"),
         prom(
@@ -1614,7 +1638,6 @@ def prometheus_exprs() -> list[tuple[str, str]]:
 
 __all__ = [
     "DASHBOARDS",
-    "QUOTAS_ASSUMED_DDL",
     "RULE_GROUPS",
     "Change",
     "DataSourceConfig",

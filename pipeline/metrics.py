@@ -54,7 +54,7 @@ SINK_TABLES = (
 )
 AGENTS = ("ingest", "dead_letters")
 QUOTA_OUTCOMES = ("granted", "partial", "denied", "error")
-WEBHOOK_OUTCOMES = ("delivered", "failed", "retried")
+WEBHOOK_OUTCOMES = ("ok", "retry", "failed")  # as webhook_deliveries.status
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -149,7 +149,7 @@ class WorkerMetrics:
         )
         self.webhook_deliveries = Counter(
             f"{PREFIX}_webhook_deliveries_total",
-            "Quota webhook delivery attempts, by outcome (delivered, failed, retried).",
+            "Quota webhook delivery attempts, by outcome (ok, retry, failed).",
             ["outcome"],
             registry=r,
         )
@@ -218,7 +218,8 @@ class WorkerMetrics:
         self.quota_reservations.labels(outcome).inc()
 
     def observe_webhook_delivery(self, outcome: str) -> None:
-        """Count one webhook delivery attempt by outcome (delivered, failed, retried)."""
+        """Count one webhook delivery attempt by outcome: ``ok`` (2xx), ``retry`` (failed,
+        will be retried) or ``failed`` (given up), as in ``webhook_deliveries.status``."""
         self.webhook_deliveries.labels(outcome).inc()
 
     # ---- consumer lag ----------------------------------------------------------------

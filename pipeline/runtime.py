@@ -17,7 +17,7 @@ import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 from confluent_kafka import Producer
@@ -36,6 +36,9 @@ from pipeline.stages.window import GRAINS, corrections_table, rollup_table
 from pipeline.warehouse import Warehouse, open_warehouse
 from pipeline.warehouse.arrow_rows import dead_letters_table, usage_events_table
 from pipeline.warehouse.base import quote_literal
+
+if TYPE_CHECKING:
+    from pipeline.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +84,14 @@ class BatchReport:
 class Pipeline:
     """The stages for one worker process."""
 
-    def __init__(self, settings: Settings, wh: Warehouse | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        wh: Warehouse | None = None,
+        metrics: WorkerMetrics | None = None,
+    ) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.wh = wh if wh is not None else open_warehouse(settings)
         self.codec = AvroCodec()
         if settings.schema_registry_url:
@@ -127,6 +136,16 @@ class Pipeline:
 
     def _on_sink_retry(self, table: str, attempt: int, exc: Exception) -> None:
         self.sink_errors += 1
+        if self.metrics is not None:
+            self.metrics.observe_sink_retry(table)
+
+    def _write(self, table: str, data: pa.Table) -> int:
+        """``sink.write``, timed for the metrics."""
+        started = time.monotonic()
+        rows = self.sink.write(table, data)
+        if self.metrics is not None:
+            self.metrics.observe_flush(table, time.monotonic() - started, rows)
+        return rows
 
     # ---- partitions -----------------------------------------------------------
     def load_usage_partitions(self, partitions: list[int]) -> None:
@@ -209,8 +228,8 @@ class Pipeline:
                     data = corrections_table(todo, self.grace_ms, now)
                 else:
                     data = rollup_table(todo, table, self.grace_ms, now)
-                self.sink.write(table, data)
-            report.inserted = self.sink.write(USAGE_TABLE, events)
+                self._write(table, data)
+            report.inserted = self._write(USAGE_TABLE, events)
         if result.dead_letters:
             self.send_dead_letters(result.dead_letters)
             report.dead_letters.update(d.reason for d in result.dead_letters)
@@ -286,7 +305,7 @@ class Pipeline:
             return 0
         table = dead_letters_table(letters, ingested_now())
         self._ensure_dl_marks(table)
-        return self.sink.write(DEAD_LETTER_TABLE, table)
+        return self._write(DEAD_LETTER_TABLE, table)
 
     def _ensure_dl_marks(self, table: pa.Table) -> None:
         tracked = self.sink.tables[DEAD_LETTER_TABLE]

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,7 +40,12 @@ def main() -> int:
         return 1
     try:
         if bench:
-            cmd = [sys.executable, "-m", "pytest", "tests/perf", "-s", "-q", *extra]
+            # the end-to-end benchmark (tests/perf/bench_pipeline.py), N from BENCH_EVENTS
+            events = os.environ.get("BENCH_EVENTS", "200000")
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            out = ROOT / "bench-results" / f"bench-{stamp}-{events}.json"
+            cmd = [sys.executable, "tests/perf/bench_pipeline.py", "--events", events]
+            cmd += ["--out", str(out), *extra]
         else:
             cmd = [sys.executable, "-m", "pytest", "tests", "-m", "not slow", *extra]
         return subprocess.run(cmd, env=env, cwd=ROOT).returncode

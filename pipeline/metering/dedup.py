@@ -63,7 +63,7 @@ _OFFSET_MAX = (1 << _OFFSET_BITS) - 1
 _PARTITION_MAX = (1 << 16) - 2  # 0xFFFF would make the DEAD word
 _TS_MAX = (1 << 32) - 1
 _EMPTY = 0xFFFF_FFFF  # empty slot of the delta's probe table
-_CHUNK_BITS = 14
+_CHUNK_BITS = 13
 _CHUNK = 1 << _CHUNK_BITS  # delta entries per chunk
 _CHUNK_MASK = _CHUNK - 1
 _TAIL = 1024  # probe-table slots past the end (no wrap-around; the last stays empty)
@@ -164,7 +164,7 @@ class DedupIndex:
         *,
         verify: Verify | None = None,
         fingerprint: Callable[[str], int] | None = None,
-        delta_min: int = 1 << 16,
+        delta_min: int = 1 << 14,
     ) -> None:
         self.verify = verify
         self._fingerprint: Callable[[str], int] = fingerprint if fingerprint is not None else hash
@@ -484,11 +484,11 @@ class DedupIndex:
         return cols[0], cols[1], cols[2], cols[3]
 
     def _build_probe_table(self) -> None:
-        """Rebuild the delta's probe table from the chunks, at load <= 1/4, vectorised:
+        """Rebuild the delta's probe table from the chunks (load 1/4 to 1/2), vectorised:
         entries sorted by home slot take the first free slot at or after it."""
         fp, _ph, pos, _ts = self._delta_columns()
         live = np.flatnonzero(pos != np.uint64(_DEAD)).astype(np.uint32)
-        bits = max(_MIN_PROBE_BITS, (4 * len(live)).bit_length())
+        bits = max(_MIN_PROBE_BITS, (2 * len(live)).bit_length())
         order = np.argsort(fp[live], kind="stable")
         idx = live[order]
         while True:

@@ -113,7 +113,9 @@ _TRAILING = re.compile(r"[\s;]+$")
 
 
 def strip_statement(sql: str) -> str:
-    """Drop trailing semicolons and blanks; refuse several statements at once."""
+    """Drop trailing semicolons and blanks; refuse an empty statement. (Several
+    statements at once are refused by the backends: a server's HTTP interface runs one,
+    and the embedded one checks with ClickHouse's parser first.)"""
     text = _TRAILING.sub("", sql.strip())
     if not text:
         raise ReadOnlyViolationError("empty query")

@@ -99,17 +99,14 @@ class EmbeddedWarehouse:
     def _single_statement(self, text: str) -> str:
         # chdb runs every statement of a multi-statement text, so "SELECT 1; DROP ..."
         # must never reach it as SQL. ClickHouse's own formatter, given the text as a
-        # bound parameter, refuses several statements and returns one canonical
-        # statement (comments dropped), which is what runs from here on.
+        # string literal, refuses several statements and returns one canonical
+        # statement (comments dropped), which is what runs from here on. (Not a bound
+        # parameter: those are read in escaped form, where a raw newline is an error.)
         try:
-            formatted = self._call(
-                "SELECT formatQuery({sql:String})", "TabSeparatedRaw", {"sql": text}
-            )
+            formatted = self._call(f"SELECT formatQuery({quote_literal(text)})", "TabSeparatedRaw")
         except WarehouseError as exc:
             if "multi-statements" in str(exc).lower():
-                raise ReadOnlyViolationError(
-                    "read-only access: one statement at a time"
-                ) from None
+                raise ReadOnlyViolationError("read-only access: one statement at a time") from None
             raise
         return str(formatted).strip()
 

@@ -351,3 +351,26 @@ def test_open_warehouse_on_a_migrated_server_sends_no_ddl(stub: ClickHouseHTTPSt
     assert stub.inserts == []
     sent = stub.queries()
     assert not any(s in sent for m in files for s in m.statements())
+
+
+def test_a_failing_migration_stops_open_warehouse_and_is_not_recorded(
+    stub: ClickHouseHTTPStub,
+) -> None:
+    stub.answer("FROM schema_migrations", LEDGER.empty_table())
+    stub.fail_on(
+        "CREATE TABLE IF NOT EXISTS dead_letters",
+        62,
+        "SYNTAX_ERROR",
+        "Syntax error: failed at position 1",
+    )
+    with pytest.raises(WarehouseError, match="SYNTAX_ERROR"):
+        open_warehouse(load_settings(warehouse_url=stub.url()))
+    failing = next(
+        m.version
+        for m in discover()
+        if any("TABLE IF NOT EXISTS dead_letters" in s for s in m.statements())
+    )
+    recorded = [i.data.column("version").to_pylist()[0] for i in stub.inserts]
+    # those before it went through; it failed, and nothing after it ran
+    assert recorded == [m.version for m in discover() if m.version < failing]
+    assert not any("usage_minute" in q for q in stub.queries() if q.startswith("CREATE"))

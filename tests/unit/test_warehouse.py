@@ -348,6 +348,10 @@ def _fill(warehouse: Warehouse, table: str) -> None:
         ("DESCRIBE (SELECT 1 AS x)", 1),
         ("EXPLAIN SELECT id FROM {t}", None),
         ("EXISTS TABLE {t}", 1),
+        # analysts paste formatted, commented SQL
+        ("SELECT\n    id,\n    label\nFROM {t}\n-- it's sorted\nORDER BY id\n", 2),
+        ("SELECT id FROM {t} WHERE match(label, '^\\\\w$')\t/* regex; tab */", 2),
+        ("SELECT 'x;y' AS s", 1),
     ],
 )
 def test_read_statements_are_allowed(
@@ -363,6 +367,8 @@ def test_read_statements_are_allowed(
 
 def test_readonly_results_are_the_data(warehouse: Warehouse, probe_table: str) -> None:
     _fill(warehouse, probe_table)
+    text = warehouse.query_readonly("SELECT 'a\\tb;c\\\\d' AS s, 'it''s' AS q")
+    assert rows(text) == [{"s": "a\tb;c\\d", "q": "it's"}]
     result = warehouse.query_readonly(f"SELECT id, label FROM {probe_table} ORDER BY id")
     assert rows(result) == [{"id": 1, "label": "a"}, {"id": 2, "label": "b"}]
     assert probe_table in warehouse.query_readonly("SHOW TABLES").column(0).to_pylist()

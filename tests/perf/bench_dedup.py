@@ -1,0 +1,145 @@
+"""Dedup index: bytes per key and ns per check, compact index vs a dict vs a plain set.
+
+    .venv/bin/python tests/perf/bench_dedup.py --keys 1000000 10000000 [--out F.json]
+
+Each (structure, size) runs in a fresh subprocess. Memory is the growth of the process's
+RSS while the structure is built (allocator slack included), and for the compact index
+also its arrays' ``nbytes``. Keys look like the worker's: ``"CMCC\\x1fcmcc-<tag>-<n>"``.
+Timings: ``insert`` = ``check`` of a new key (merges included, amortised over the
+build), ``dup`` = ``check`` of a held key at another position (the duplicate path),
+``miss`` = ``check`` of a new key once the index is full. Not collected by pytest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+PROBES = 500_000
+CARRIERS = ("CMCC", "CTCC", "CUCC")
+T0 = 1_795_852_800_000
+
+
+def key(i: int) -> str:
+    return f"{CARRIERS[i % 3]}\x1f{CARRIERS[i % 3].lower()}-3f9a1c20b7-{i}"
+
+
+def rss() -> int:
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+class DictIndex:
+    """The previous implementation: key -> (payload hash, partition, offset, event ms)."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, tuple[int, int, int, int]] = {}
+
+    def check(self, key: str, ph: int, partition: int, offset: int, ms: int) -> int:
+        entry = self.entries.get(key)
+        if entry is None:
+            self.entries[key] = (ph, partition, offset, ms)
+            return 0
+        if entry[1] == partition and entry[2] == offset:
+            return 0
+        return 1 if entry[0] == ph else 2
+
+
+def measure(kind: str, n: int) -> dict[str, Any]:
+    from pipeline.metering.dedup import DedupIndex
+
+    gc.collect()
+    before = rss()
+    index: Any
+    plain: set[str] = set()
+    if kind == "compact":
+        index = DedupIndex()
+    elif kind == "dict":
+        index = DictIndex()
+    else:
+        index = None
+    started = time.process_time()
+    if index is not None:
+        check = index.check
+        for i in range(n):
+            check(key(i), i * 7919, i & 3, i, T0 + i)
+    else:
+        add = plain.add
+        for i in range(n):
+            add(key(i))
+    built = time.process_time() - started
+    gc.collect()
+    grown = rss() - before
+    out: dict[str, Any] = {
+        "structure": kind,
+        "keys": n,
+        "rss_bytes_per_key": round(grown / n, 1),
+        "insert_ns": round(1e9 * built / n),
+    }
+    if kind == "compact":
+        out["nbytes_per_key"] = round(index.nbytes / n, 1)
+    # cost of building the probe keys alone, to subtract
+    started = time.process_time()
+    for i in range(PROBES):
+        key(i * 13 % n)
+    base = time.process_time() - started
+    if index is not None:
+        check = index.check
+        started = time.process_time()
+        for i in range(PROBES):
+            j = i * 13 % n
+            check(key(j), j * 7919, (j & 3) ^ 1, j, T0 + j)
+        out["dup_ns"] = round(1e9 * (time.process_time() - started - base) / PROBES)
+        started = time.process_time()
+        for i in range(PROBES):
+            j = n + i
+            check(key(j), j * 7919, j & 3, j, T0 + j)
+        out["miss_ns"] = round(1e9 * (time.process_time() - started - base) / PROBES)
+    else:
+        started = time.process_time()
+        for i in range(PROBES):
+            _ = key(i * 13 % n) in plain
+        out["dup_ns"] = round(1e9 * (time.process_time() - started - base) / PROBES)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keys", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    parser.add_argument("--structures", nargs="+", default=["compact", "dict", "set"])
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--one", nargs=2, metavar=("STRUCTURE", "KEYS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one[0], int(args.one[1]))))
+        return 0
+    results = []
+    for n in args.keys:
+        for kind in args.structures:
+            proc = subprocess.run(
+                [sys.executable, __file__, "--one", kind, str(n)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            results.append(row)
+            print(json.dumps(row), flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,313 @@
+"""Quota service benchmark: reserve+commit round trips, and crossing-to-alert latency.
+
+    TOKENMETER_KAFKA_BOOTSTRAP=127.0.0.1:19092 .venv/bin/python tests/perf/bench_quota.py \
+        [--rate 2000] [--duration 20] [--connections 32] [--alert-tenants 200] [--out F.json]
+
+Starts a real worker (subprocess, own topics and data dir, like the integration tests)
+against the broker in TOKENMETER_KAFKA_BOOTSTRAP, then:
+
+1. Round trips: an open-loop load of ``--rate`` reservations per second for
+   ``--duration`` seconds over ``--connections`` keep-alive HTTP connections: each one
+   is ``POST reservations`` then ``POST commit`` (with the event id), and the usage
+   event is then produced to Kafka, so the pipeline runs with the same traffic (one
+   event per reservation). Reported: p50/p99/max of reserve, of commit and of the pair
+   (from its scheduled start, so a slow worker is not hidden by a slow client: no
+   coordinated omission), achieved reservations/s, worker CPU.
+2. Alert latency: ``--alert-tenants`` tenants get a hard quota of 1000 TU; one event of
+   1000 TU each (20 tenants per second) crosses 50, 80 and 100 % at once. Reported: the
+   time from producing the event to a consumer receiving its 100 % alert from
+   ``quota-events`` (p50/p99/max).
+
+The load generator runs on the same machine (and cores) as the worker, the broker and
+the embedded ClickHouse engine, so the figures are an upper bound. Not collected by
+pytest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import queue
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.events import UsageEvent  # noqa: E402
+from pipeline.metering.quota import QuotaDefinition  # noqa: E402
+from pipeline.produce import UsageProducer  # noqa: E402
+from pipeline.quota.definitions import ensure_quota_topics, publish_definition  # noqa: E402
+from pipeline.settings import load_settings  # noqa: E402
+from tests.integration.harness import Harness  # noqa: E402
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * p / 100))]
+
+
+def event(tenant: str, event_id: str, tu: int) -> UsageEvent:
+    return UsageEvent(
+        event_id=event_id,
+        event_time=datetime.now(tz=UTC),
+        source="gateway",
+        source_id="bench",
+        reporting_carrier="CMCC",
+        home_carrier="CMCC",
+        serving_carrier="CMCC",
+        tenant_id=tenant,
+        subscriber_id="13800138000",
+        channel="api",
+        model_id="deepseek-v3",
+        provider="deepseek",
+        input_tokens=tu,
+        output_tokens=0,
+    )
+
+
+class EventSender:
+    """Produces usage events on a thread, so the HTTP client's timings stay clean."""
+
+    def __init__(self, producer: UsageProducer) -> None:
+        self.producer = producer
+        self.q: queue.Queue[UsageEvent | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (ev := self.q.get()) is not None:
+            self.producer.send(ev)
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.thread.join()
+        self.producer.flush()
+
+
+async def round_trips(
+    base: str, tenants: list[str], rate: float, duration: float, connections: int, sender: Any
+) -> dict[str, Any]:
+    import aiohttp
+
+    reserve_ms: list[float] = []
+    commit_ms: list[float] = []
+    pair_ms: list[float] = []
+    errors: dict[str, int] = {}
+    connector = aiohttp.TCPConnector(limit=connections)
+    run = uuid.uuid4().hex[:6]
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def post(url: str, body: dict[str, Any]) -> dict[str, Any]:
+            async with session.post(url, json=body) as resp:
+                data: dict[str, Any] = await resp.json(content_type=None)
+                if resp.status >= 300:
+                    raise RuntimeError(f"HTTP {resp.status}: {data.get('error')}")
+                return data
+
+        async def one(i: int, scheduled: float) -> None:
+            tenant = tenants[i % len(tenants)]
+            t0 = time.perf_counter()
+            try:
+                grant = await post(
+                    f"{base}/v1/quotas/{tenant}/reservations", {"token_units": 1000, "ttl_s": 30}
+                )
+                t1 = time.perf_counter()
+                event_id = f"b{run}-{i}"
+                await post(
+                    f"{base}/v1/reservations/{grant['reservation_id']}/commit",
+                    {"token_units": 800, "event_id": event_id},
+                )
+                t2 = time.perf_counter()
+            except (aiohttp.ClientError, RuntimeError, TimeoutError) as exc:
+                key = str(exc)[:80]
+                errors[key] = errors.get(key, 0) + 1
+                return
+            reserve_ms.append((t1 - t0) * 1000)
+            commit_ms.append((t2 - t1) * 1000)
+            pair_ms.append((t2 - scheduled) * 1000)
+            sender.q.put(event(tenant, event_id, 800))
+
+        # warm-up: connections, JIT-free but caches and the worker's first batches
+        await asyncio.gather(*(one(i, time.perf_counter()) for i in range(200)))
+        reserve_ms.clear(), commit_ms.clear(), pair_ms.clear()
+        n = int(rate * duration)
+        tasks = []
+        start = time.perf_counter() + 0.05
+        for i in range(n):
+            scheduled = start + i / rate
+            delay = scheduled - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.ensure_future(one(i, scheduled)))
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - start
+    return {
+        "offered_per_s": rate,
+        "reservations": len(pair_ms),
+        "achieved_per_s": round(len(pair_ms) / elapsed, 1),
+        "http_requests_per_s": round(2 * len(pair_ms) / elapsed, 1),
+        "errors": errors,
+        "reserve_ms": {
+            "p50": pct(reserve_ms, 50),
+            "p99": pct(reserve_ms, 99),
+            "max": max(reserve_ms, default=0),
+        },
+        "commit_ms": {
+            "p50": pct(commit_ms, 50),
+            "p99": pct(commit_ms, 99),
+            "max": max(commit_ms, default=0),
+        },
+        "reserve_commit_ms": {
+            "p50": pct(pair_ms, 50),
+            "p99": pct(pair_ms, 99),
+            "max": max(pair_ms, default=0),
+        },
+    }
+
+
+def alert_latency(h: Harness, n: int) -> dict[str, Any]:
+    from confluent_kafka import OFFSET_END, Consumer, TopicPartition
+
+    settings = h.settings
+    run = uuid.uuid4().hex[:6]
+    tenants = [f"tn-alert-{run}-{i}" for i in range(n)]
+    for t in tenants:
+        publish_definition(
+            settings,
+            QuotaDefinition(tenant_id=t, period="day", limit_tu=Decimal(1000), hard=True),
+        )
+    time.sleep(2)  # the worker follows the definitions topic
+    topic = h.env["TOKENMETER_TOPIC_QUOTA_EVENTS"]
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "group.id": f"bench-{run}",
+            "enable.auto.commit": False,
+            "fetch.wait.max.ms": 5,
+        }
+    )
+    meta = consumer.list_topics(topic, timeout=10)
+    consumer.assign([TopicPartition(topic, p, OFFSET_END) for p in meta.topics[topic].partitions])
+    arrived: dict[str, float] = {}
+    done = threading.Event()
+
+    def consume() -> None:
+        while not done.is_set():
+            for msg in consumer.consume(500, timeout=0.05):
+                if msg.error() is not None:
+                    continue
+                alert = json.loads(msg.value())
+                if alert["threshold"] == "100":
+                    arrived.setdefault(alert["tenant_id"], time.time())
+
+    reader = threading.Thread(target=consume)
+    reader.start()
+    time.sleep(1)
+    producer = UsageProducer.from_settings(settings, **{"linger.ms": 0})
+    sent: dict[str, float] = {}
+    for i, t in enumerate(tenants):
+        sent[t] = time.time()
+        producer.send(event(t, f"a{run}-{i}", 1000))
+        producer.flush()
+        time.sleep(0.05)
+    deadline = time.time() + 30
+    while len(arrived) < n and time.time() < deadline:
+        time.sleep(0.2)
+    done.set()
+    reader.join()
+    consumer.close()
+    lat = [(arrived[t] - sent[t]) * 1000 for t in tenants if t in arrived]
+    return {
+        "tenants": n,
+        "alerts_received": len(lat),
+        "event_to_alert_ms": {"p50": pct(lat, 50), "p99": pct(lat, 99), "max": max(lat, default=0)},
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--rate", type=float, default=2000.0, help="reservations per second")
+    ap.add_argument("--duration", type=float, default=20.0)
+    ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--tenants", type=int, default=40)
+    ap.add_argument("--alert-tenants", type=int, default=200)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+
+    import psutil
+
+    bootstrap = load_settings().kafka_bootstrap
+    tmp = Path(tempfile.mkdtemp(prefix="bench-quota-"))
+    h = Harness(bootstrap, tmp)
+    ensure_quota_topics(h.settings)
+    run = uuid.uuid4().hex[:6]
+    tenants = [f"tn-bench-{run}-{i}" for i in range(args.tenants)]
+    for t in tenants:
+        publish_definition(
+            h.settings,
+            QuotaDefinition(tenant_id=t, period="day", limit_tu=Decimal(10) ** 15, hard=True),
+        )
+    result: dict[str, Any] = {"cpus": os.cpu_count()}
+    try:
+        h.start_worker()
+        base = f"http://127.0.0.1:{h.port}"
+        import urllib.request
+
+        for t in tenants:  # until the worker serves every tenant
+            for _ in range(200):
+                try:
+                    urllib.request.urlopen(f"{base}/v1/quotas/{t}", timeout=2).read()
+                    break
+                except OSError:
+                    time.sleep(0.2)
+        assert h.worker is not None
+        proc = psutil.Process(h.worker.pid)
+        sender = EventSender(UsageProducer.from_settings(h.settings))
+        cpu0 = proc.cpu_times()
+        t0 = time.monotonic()
+        result["round_trips"] = asyncio.run(
+            round_trips(base, tenants, args.rate, args.duration, args.connections, sender)
+        )
+        cpu1 = proc.cpu_times()
+        result["round_trips"]["worker_cpu_percent"] = round(
+            100 * ((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)) / (time.monotonic() - t0)
+        )
+        sender.close()
+        h.cli("wait", "--idle", "1")
+        result["worker_status"] = h.status()
+        result["alerts"] = alert_latency(h, args.alert_tenants)
+    finally:
+        h.close()
+    print(json.dumps(result, indent=2, default=str))
+    rt, al = result["round_trips"], result["alerts"]
+    print(
+        f"\nreserve+commit at {rt['offered_per_s']:.0f}/s offered: {rt['achieved_per_s']:.0f}/s "
+        f"achieved, p50 {rt['reserve_commit_ms']['p50']:.2f} ms, "
+        f"p99 {rt['reserve_commit_ms']['p99']:.2f} ms (reserve p99 "
+        f"{rt['reserve_ms']['p99']:.2f} ms, commit p99 {rt['commit_ms']['p99']:.2f} ms), "
+        f"worker CPU {rt['worker_cpu_percent']} %"
+    )
+    print(
+        f"event crossing 100 % -> alert on quota-events: p50 "
+        f"{al['event_to_alert_ms']['p50']:.0f} ms, p99 {al['event_to_alert_ms']['p99']:.0f} ms "
+        f"({al['alerts_received']}/{al['tenants']} alerts)"
+    )
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
