@@ -31,7 +31,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-DEFAULT_AGREEMENTS_DIR = Path("config/agreements")
+DEFAULT_AGREEMENTS_DIR = Path(__file__).resolve().parents[1] / "config" / "agreements"
 WHOLESALE_FILE = "wholesale.yaml"
 REVENUE_SHARE_FILE = "revenue_share.yaml"
 PARTY_TYPES: tuple[str, ...] = ("serving_carrier", "model_provider", "channel")

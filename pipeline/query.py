@@ -38,7 +38,7 @@ def query_worker(url: str, sql: str, timeout: float = 300.0) -> tuple[list[str],
 
 def run_readonly(settings: Settings, sql: str) -> tuple[list[str], list[list[Any]]]:
     """Run an analyst's query read-only; returns column names and rows."""
-    if not settings.warehouse_url:
+    if not settings.warehouse_url.get_secret_value():
         worker = running_worker(settings)
         if worker is not None:
             return query_worker(worker["url"], sql)

@@ -34,7 +34,8 @@ class Settings(BaseSettings):
     kafka_controller_port: int = Field(default=9093, ge=1024, le=65535)
     kafka_partitions: int = Field(default=4, ge=1, le=256)
     kafka_heap_mb: int = Field(default=768, ge=128)
-    warehouse_url: str = ""  # empty = embedded chdb under data_dir/warehouse
+    # empty = embedded chdb under data_dir/warehouse; a clickhouse:// URL may hold a password
+    warehouse_url: SecretStr = SecretStr("")
     web_host: str = "127.0.0.1"
     web_port: int = Field(default=6066, ge=1, le=65535)
 
@@ -153,6 +154,9 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         parts = []
         for err in exc.errors():
-            name = ENV_PREFIX + "_".join(str(p) for p in err["loc"]).upper()
-            parts.append(f"{name}: {err['msg']}")
+            if err["loc"]:
+                name = ENV_PREFIX + "_".join(str(p) for p in err["loc"]).upper()
+                parts.append(f"{name}: {err['msg']}")
+            else:  # a rule across settings names them in its own message
+                parts.append(str(err["msg"]).removeprefix("Value error, "))
         raise SettingsError("; ".join(parts)) from None

@@ -46,6 +46,7 @@ also know the events of the batch being processed (they are not stored yet).
 
 from __future__ import annotations
 
+import functools
 from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from enum import IntEnum
@@ -97,6 +98,26 @@ def _unpack(pos: int) -> Position:
 def _seconds(event_ms: int) -> int:
     s = event_ms // 1000
     return 0 if s < 0 else (_TS_MAX if s > _TS_MAX else s)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[], object]:
+    try:
+        import ctypes
+
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return lambda: None
+    return lambda: trim(0)
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS after a merge (glibc's ``malloc_trim``).
+
+    A merge frees tens of MB of temporaries; glibc keeps such blocks in the heap once
+    its dynamic mmap threshold has grown, which left the process ~20 bytes a key above
+    the index's own size. Elsewhere this is a no-op."""
+    _malloc_trim()()
 
 
 def _view(arr: np.ndarray, fmt: Literal["Q", "q", "I"]) -> memoryview:
@@ -540,7 +561,9 @@ class DedupIndex:
             fp, ph, pos, ts = fp[live], ph[live], pos[live], ts[live]
         self._reset_delta_storage()
         self._merge_arrays(fp, ph, pos, ts)
+        del fp, ph, pos, ts, live
         self._reset_delta()
+        _release_freed_memory()
 
     def _reset_delta_storage(self) -> None:
         for views in (self._dfpv, self._dphv, self._dposv):

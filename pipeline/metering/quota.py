@@ -305,7 +305,7 @@ class QuotaStatus:
     open_reservations: int
 
 
-@dataclass
+@dataclass(slots=True)
 class QuotaLedger:
     """Usage, holds and emitted thresholds of one quota key. Not thread-safe: one
     owner (the worker's event loop) calls it; every call is atomic by construction."""
@@ -570,6 +570,11 @@ class QuotaLedger:
             hold = self.holds.pop(res_id, None) if res_id is not None else None
             if hold is not None:
                 self._pending -= hold.amount
+
+    @property
+    def idle(self) -> bool:
+        """No definition, no holds, no usage: nothing worth keeping in memory."""
+        return self.definition is None and not self.holds and not self.usage
 
     def pending_event_ids(self) -> set[str]:
         return set(self._by_event)

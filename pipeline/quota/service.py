@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+from confluent_kafka import KafkaException
 
 from pipeline.events import now_ms, pseudonymise
 from pipeline.metering.plans import period_key
@@ -84,7 +85,7 @@ from pipeline.quota.definitions import DefinitionChange
 from pipeline.quota.journal import Journal, JournalHold
 from pipeline.quota.webhooks import Attempt, WebhookDispatcher, load_webhooks
 from pipeline.settings import Settings
-from pipeline.warehouse.base import Warehouse, quote_literal
+from pipeline.warehouse.base import Warehouse, WarehouseError, quote_literal
 
 if TYPE_CHECKING:
     from pipeline.stages.rate import Rated
@@ -554,6 +555,8 @@ class QuotaService:
             found = self.ledgers.get(key)
             if found is not None and (found.partition in part_set or key in sub_set):
                 self._check(found, now)
+        if not (parts or sub_keys):
+            return
         log.info(
             "quota usage restored: partitions %s, %d subscriber quotas, %d keys",
             sorted(part_set),
@@ -631,9 +634,28 @@ class QuotaService:
             self._loop.call_soon_threadsafe(self.apply_definition, change)
 
     # ---- start / stop ------------------------------------------------------------------------
-    async def start(self) -> None:
+    async def start(self, retry_max_s: float = 30.0) -> None:
         """Load definitions, emitted alerts and open reservations; start following the
-        definitions topic and the background tasks. Call once, in the worker's loop."""
+        definitions topic and the background tasks. Call once, in the worker's loop.
+
+        Kafka or the warehouse being unavailable is retried with backoff (requests get
+        503 meanwhile); the pipeline itself is not held up by this."""
+        delay = 0.5
+        while True:
+            try:
+                await self._start_once()
+                return
+            except (KafkaException, TimeoutError, WarehouseError, OSError, RuntimeError) as exc:
+                if self._stopping:
+                    raise
+                log.warning("quota service not started yet (retrying in %.1f s): %s", delay, exc)
+                if self.publisher is not None:
+                    self.publisher.close()
+                    self.publisher = None
+                await asyncio.sleep(delay)
+                delay = min(retry_max_s, delay * 2)
+
+    async def _start_once(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
         changes: list[DefinitionChange] = []
         topic_alerts: list[tuple[dict[str, Any], int]] = []
@@ -936,6 +958,9 @@ class QuotaService:
                 ledger.expire(now)
             if prune:
                 ledger.prune(now)
+        if prune:
+            for key in [k for k, ledger in self.ledgers.items() if ledger.idle]:
+                del self.ledgers[key]
         for key in self.definitions:
             found = self.ledgers.get(key)
             if found is not None:

@@ -43,6 +43,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.quota.alerts import encode_alert
+from pipeline.settings import SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,9 @@ SIGNATURE_HEADER = "X-Tokenmeter-Signature"
 RETRYABLE = {408, 429}
 
 
-class WebhookConfigError(Exception):
-    """The webhooks file is unreadable or invalid, or a secret is missing."""
+class WebhookConfigError(SettingsError):
+    """The webhooks file is unreadable or invalid, or a secret is missing (a settings
+    error: the CLI reports it in one line)."""
 
 
 class _Spec(BaseModel):

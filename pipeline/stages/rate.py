@@ -41,6 +41,12 @@ class RateStage:
         key = (tenant_id, period)
         self.usage[key] = self.usage.get(key, ZERO) + token_units
 
+    def set_usage(self, tenant_id: str, period: str, token_units: Decimal) -> None:
+        """Replace a counter with the stored usage. For a partition (re)taken after a
+        rebalance: its tenants' stored sums are complete, and adding them to what this
+        process counted before it lost the partition would count that usage twice."""
+        self.usage[(tenant_id, period)] = token_units
+
     def _period(self, event_ms: int, plan: str | None) -> str:
         card = self.book.card_at(event_ms)
         found = card.plans.get(plan) if (card is not None and plan is not None) else None

@@ -30,10 +30,11 @@ def open_warehouse(settings: Settings, migrate: bool = True) -> Warehouse:
     ``TOKENMETER_WAREHOUSE_URL`` is a ``clickhouse://`` URL. Applies migrations unless
     ``migrate=False``."""
     wh: Warehouse
-    if settings.warehouse_url:
+    url = settings.warehouse_url.get_secret_value()
+    if url:
         from pipeline.warehouse.server import ServerWarehouse
 
-        wh = ServerWarehouse(settings.warehouse_url)
+        wh = ServerWarehouse(url)
     else:
         from pipeline.warehouse.embedded import EmbeddedWarehouse
 

@@ -691,29 +691,39 @@ def run_latency(
 
 # ---- profile summary ----------------------------------------------------------------------
 
-# inclusive sample share of the pipeline's parts, by a function name on the stack
-STAGES = (
-    ("decode (fastavro)", ("decode_body", "schemaless_reader")),
-    ("validate (check_record)", ("check_record",)),
-    ("pseudonymise (HMAC)", ("pseudonymise",)),
-    ("payload_hash", ("payload_hash",)),
-    ("dedup check", ("check (pipeline/metering/dedup.py",)),
-    ("rate", ("rate (pipeline/stages/rate.py",)),
-    ("arrow batch (usage_events_table)", ("usage_events_table",)),
-    ("window rollups", ("rollup_table", "corrections_table")),
-    ("sink writes (chdb insert)", ("insert_arrow",)),
-    ("dead letters to Kafka", ("send_dead_letters",)),
-    ("faust -> RawMessage (_raw)", ("_raw (pipeline/app.py",)),
-    ("faust/aiokafka consumer", ("aiokafka", "faust/transport", "faust/streams")),
+# inclusive sample share of the pipeline's parts: (function, file fragment) on the stack
+STAGES: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
+    ("faust -> RawMessage (_raw)", (("_raw", "pipeline/app.py"),)),
+    ("decode (fastavro)", (("decode", "pipeline/serde.py"),)),
+    ("validate (check_record)", (("check_record", "pipeline/events.py"),)),
+    ("pseudonymise (HMAC)", (("pseudonymise", "pipeline/events.py"),)),
+    ("payload_hash", (("payload_hash", "pipeline/events.py"),)),
+    ("dedup check", (("check", "metering/dedup.py"),)),
+    ("rate (pricing)", (("rate", "stages/rate.py"),)),
+    ("usage_events Arrow batch", (("usage_events_table", "arrow_rows.py"),)),
+    ("window rollups", (("rollup_table", "stages/window.py"), ("corrections_table", "window"))),
+    ("sink writes (chdb insert)", (("insert_arrow", "warehouse/"),)),
+    ("dead letters to Kafka", (("send_dead_letters", "pipeline/runtime.py"),)),
+    ("dead-letter mirror", (("process_dead_letters", "pipeline/runtime.py"),)),
 )
+THREADS = (
+    ("pipeline thread", ("process_usage", "process_dead_letters", "_bootstrap_inner")),
+    ("event loop (faust, aiokafka, web)", ("run_forever", "_run_once")),
+)
+
+
+def _frame(f: str) -> tuple[str, str]:
+    """'func (path/file.py:123)' -> ('func', 'path/file.py')."""
+    name, _, rest = f.partition(" (")
+    return name, rest.rsplit(":", 1)[0]
 
 
 def summarise_profile(path: Path, top: int = 20) -> dict[str, Any]:
     """Aggregate py-spy's raw (collapsed) output: self and inclusive time per function,
-    per thread, and per pipeline stage."""
+    per thread kind, and per pipeline stage (percent of all samples)."""
     self_t: Counter[str] = Counter()
     incl: Counter[str] = Counter()
-    threads: Counter[str] = Counter()
+    kinds: Counter[str] = Counter()
     stages: Counter[str] = Counter()
     total = 0
     for line in path.read_text(errors="replace").splitlines():
@@ -721,21 +731,25 @@ def summarise_profile(path: Path, top: int = 20) -> dict[str, Any]:
         if not stack or not n.isdigit():
             continue
         count = int(n)
-        frames = stack.split(";")
+        frames = [_frame(f) for f in stack.split(";")[1:]]  # [0] is the thread id
         total += count
-        threads[frames[0]] += count
-        names = [f.split(":")[0] + ")" if ":" in f else f for f in frames[1:]]
-        if names:
-            self_t[names[-1]] += count
-        for name in set(names):
-            incl[name] += count
+        names = {fn for fn, _ in frames}
+        kind = next((k for k, marks in THREADS if names & set(marks)), "other")
+        if kind == "pipeline thread" and not names & {"process_usage", "process_dead_letters"}:
+            kind = "other threads"
+        kinds[kind] += count
+        labels = [f"{fn} ({'/'.join(file.split('/')[-2:])})" for fn, file in frames]
+        if labels:
+            self_t[labels[-1]] += count
+        for label in set(labels):
+            incl[label] += count
         for stage, needles in STAGES:
-            if any(any(needle in f for needle in needles) for f in frames):
+            if any(fn == want and frag in file for fn, file in frames for want, frag in needles):
                 stages[stage] += count
     pct = 100.0 / total if total else 0.0
     return {
         "samples": total,
-        "threads_pct": {k: round(v * pct, 1) for k, v in threads.most_common(8)},
+        "threads_pct": {k: round(v * pct, 1) for k, v in kinds.most_common()},
         "stages_pct": {k: round(stages[k] * pct, 1) for k, _ in STAGES},
         "self_pct": [(k, round(v * pct, 1)) for k, v in self_t.most_common(top)],
         "inclusive_pct": [(k, round(v * pct, 1)) for k, v in incl.most_common(top)],

@@ -116,7 +116,7 @@ async def round_trips(
                     raise RuntimeError(f"HTTP {resp.status}: {data.get('error')}")
                 return data
 
-        async def one(i: int, scheduled: float) -> None:
+        async def one(i: int, scheduled: float, tag: str = "m") -> None:
             tenant = tenants[i % len(tenants)]
             t0 = time.perf_counter()
             try:
@@ -124,7 +124,7 @@ async def round_trips(
                     f"{base}/v1/quotas/{tenant}/reservations", {"token_units": 1000, "ttl_s": 30}
                 )
                 t1 = time.perf_counter()
-                event_id = f"b{run}-{i}"
+                event_id = f"b{run}-{tag}{i}"
                 await post(
                     f"{base}/v1/reservations/{grant['reservation_id']}/commit",
                     {"token_units": 800, "event_id": event_id},
@@ -140,7 +140,7 @@ async def round_trips(
             sender.q.put(event(tenant, event_id, 800))
 
         # warm-up: connections, JIT-free but caches and the worker's first batches
-        await asyncio.gather(*(one(i, time.perf_counter()) for i in range(200)))
+        await asyncio.gather(*(one(i, time.perf_counter(), "w") for i in range(200)))
         reserve_ms.clear(), commit_ms.clear(), pair_ms.clear()
         n = int(rate * duration)
         tasks = []

@@ -188,6 +188,14 @@ def test_stored_usage_places_the_next_event_on_the_scale(book: PriceBook) -> Non
     assert rater.usage[("t-1", "2026-11")] == Decimal("6000")
 
 
+def test_set_usage_replaces_a_counter_for_a_retaken_partition(book: PriceBook) -> None:
+    rater = RateStage(book, TenantPlans(default="tiered"))
+    rater.add_usage("t-1", "2026-11", Decimal("600"))
+    rater.rate([acc(input_tokens=400)])  # counted here, then stored
+    rater.set_usage("t-1", "2026-11", Decimal("1000"))  # the partition comes back
+    assert rater.usage == {("t-1", "2026-11"): Decimal("1000")}
+
+
 def test_list_price_tenants_ignore_usage(book: PriceBook) -> None:
     rater = RateStage(book, TenantPlans())
     rater.add_usage("t-1", "2026-11", Decimal("1000000"))
