@@ -429,3 +429,29 @@ def test_webhook_file_errors(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="url"):
         load_webhooks(path, environ={"S": "x" * 20})
     assert load_webhooks(tmp_path / "missing.yaml") == []
+
+
+def test_cli_refuses_bad_definitions_before_touching_kafka() -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from pipeline.cli_quota import register
+
+    app = typer.Typer()
+
+    @app.callback()
+    def _root() -> None:
+        pass
+
+    register(app)
+    runner = CliRunner()
+    cases = [
+        (["--period", "week", "--limit-tu", "10"], "--period: must be day or month"),
+        (["--period", "day", "--limit-tu", "-5"], "--limit-tu: must be a positive number"),
+        (["--period", "day", "--limit-tu", "ten"], "--limit-tu: not a number"),
+        (["--period", "day", "--limit-tu", "10", "--thresholds", "0,50"], "--thresholds"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(app, ["quota", "set", "--tenant", "t", *args])
+        assert result.exit_code == 2, result.output
+        assert message in result.output.replace("\n", " ")
