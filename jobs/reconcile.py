@@ -170,7 +170,9 @@ def parse_carriers(text: str | None) -> tuple[str, ...]:
     chosen = sorted({c.strip().upper() for c in text.split(",") if c.strip()})
     unknown = [c for c in chosen if c not in CARRIERS]
     if unknown:
-        raise ReconError(f"--carriers: unknown carrier(s) {', '.join(unknown)}; use CMCC, CTCC, CUCC")
+        raise ReconError(
+            f"--carriers: unknown carrier(s) {', '.join(unknown)}; use CMCC, CTCC, CUCC"
+        )
     if len(chosen) < 2:
         raise ReconError("--carriers: name at least two carriers")
     return tuple(chosen)
@@ -388,7 +390,6 @@ def _results_sql(params: ReconParams, run_id: str, book: PriceBook, book_id: str
     """
     origin = params.period.start_ms  # no record of a run is earlier than its period start
     end = params.period.end_ms
-    window = params.boundary_window_s * 1000
     records = f"""
         SELECT
             assumeNotNull(e.transaction_id) AS tx,
@@ -412,7 +413,8 @@ def _results_sql(params: ReconParams, run_id: str, book: PriceBook, book_id: str
                    OR ((pico % 1000000) = 500000 AND intDiv(pico, 1000000) % 2 = 1)),
                toUInt64(0)) AS amount_micro,
             bitOr(bitShiftLeft(toUInt128(rk), 64),
-                  bitOr(bitShiftLeft(toUInt128(ok_price), 63), toUInt128(amount_micro))) AS w_amount,
+                  bitOr(bitShiftLeft(toUInt128(ok_price), 63),
+                        toUInt128(amount_micro))) AS w_amount,
             bitOr(bitShiftLeft(toUInt128(rk), 64),
                   bitOr(bitShiftLeft(toUInt128(e.input_tokens), 32),
                         toUInt128(e.output_tokens))) AS w_io,
@@ -454,14 +456,11 @@ def _results_sql(params: ReconParams, run_id: str, book: PriceBook, book_id: str
         return f"toUInt64(bitShiftRight({x}, 64))"
 
     def time_of(x: str) -> str:
-        return (
-            f"fromUnixTimestamp64Milli(toInt64(bitShiftRight({hi(x)}, 32)) + {origin}, 'UTC')"
-        )
+        return f"fromUnixTimestamp64Milli(toInt64(bitShiftRight({hi(x)}, 32)) + {origin}, 'UTC')"
 
     def canonical(ids: str, word: str) -> str:
         return (
-            f"arrayFirst(i -> bitAnd(cityHash64(i), {_MASK32}) = "
-            f"{low32.format(x=hi(word))}, {ids})"
+            f"arrayFirst(i -> bitAnd(cityHash64(i), {_MASK32}) = {low32.format(x=hi(word))}, {ids})"
         )
 
     tokens = {
@@ -493,21 +492,22 @@ def _results_sql(params: ReconParams, run_id: str, book: PriceBook, book_id: str
             toUInt128(greatest(s_amt, h_amt) - least(s_amt, h_amt)) * 1000000000
               > toUInt128({params.tolerance_ppb}) * greatest(s_amt, h_amt), 'amount_mismatch',
             'matched') AS category,
-        arrayStringConcat(arraySlice(d, 6), '\\x1f') AS tenant_id, d[3] AS model_id, d[4] AS provider, d[5] AS channel,
+        arrayStringConcat(arraySlice(d, 6), '\\x1f') AS tenant_id,
+        d[3] AS model_id, d[4] AS provider, d[5] AS channel,
         s_n AS serving_records, h_n AS home_records,
-        if(s_n > 0, {canonical('s_sorted', 's_io')}, '') AS serving_event_id,
-        if(h_n > 0, {canonical('h_sorted', 'h_io')}, '') AS home_event_id,
+        if(s_n > 0, {canonical("s_sorted", "s_io")}, '') AS serving_event_id,
+        if(h_n > 0, {canonical("h_sorted", "h_io")}, '') AS home_event_id,
         s_sorted AS serving_event_ids, h_sorted AS home_event_ids,
-        if(s_n > 0, {time_of('s_io')}, NULL) AS serving_event_time,
-        if(h_n > 0, {time_of('h_io')}, NULL) AS home_event_time,
+        if(s_n > 0, {time_of("s_io")}, NULL) AS serving_event_time,
+        if(h_n > 0, {time_of("h_io")}, NULL) AS home_event_time,
         s_input, s_output, s_cached, s_reasoning,
         h_input, h_output, h_cached, h_reasoning,
         if(s_n > 0 AND h_n > 0, toUInt64({diff}), 0) AS token_diff,
         toDecimal64(s_amt, 0) * {micro} AS serving_amount,
         toDecimal64(h_amt, 0) * {micro} AS home_amount,
         serving_amount - home_amount AS amount_diff,
-        toUInt8(s_n > 0 AND bitTest({lo64('s_amount_w')}, 63)) AS serving_priced,
-        toUInt8(h_n > 0 AND bitTest({lo64('h_amount_w')}, 63)) AS home_priced
+        toUInt8(s_n > 0 AND bitTest({lo64("s_amount_w")}, 63)) AS serving_priced,
+        toUInt8(h_n > 0 AND bitTest({lo64("h_amount_w")}, 63)) AS home_priced
     FROM (
         SELECT
             *,
@@ -516,8 +516,8 @@ def _results_sql(params: ReconParams, run_id: str, book: PriceBook, book_id: str
             bitShiftRight(meta, 32) AS la_n,
             splitByChar('\\x1f', substring(dims, 2)) AS d,
             arraySort(s_ids) AS s_sorted, arraySort(h_ids) AS h_sorted,
-            if(s_n > 0, bitAnd({lo64('s_amount_w')}, 9223372036854775807), 0) AS s_amt,
-            if(h_n > 0, bitAnd({lo64('h_amount_w')}, 9223372036854775807), 0) AS h_amt,
+            if(s_n > 0, bitAnd({lo64("s_amount_w")}, 9223372036854775807), 0) AS s_amt,
+            if(h_n > 0, bitAnd({lo64("h_amount_w")}, 9223372036854775807), 0) AS h_amt,
             {", ".join(token_cols)}
         FROM ({grouped})
     )
@@ -596,9 +596,7 @@ def _array(values: Sequence[str]) -> str:
 def run_info(wh: Warehouse, run_id: str) -> dict[str, Any]:
     """The ``recon_runs`` row of a run; ``ReconError`` if there is none."""
     found = rows(
-        wh.query_arrow(
-            f"SELECT * FROM recon_runs WHERE run_id = {quote_literal(run_id)} LIMIT 1"
-        )
+        wh.query_arrow(f"SELECT * FROM recon_runs WHERE run_id = {quote_literal(run_id)} LIMIT 1")
     )
     if not found:
         raise ReconError(f"no reconciliation run {run_id} (see `tokenmeter recon list`)")
@@ -687,10 +685,7 @@ def reconcile(wh: Warehouse, params: ReconParams, book: PriceBook) -> ReconRun:
         " GROUP BY run_id, period, serving_carrier, home_carrier, category"
     )
     stats = rows(
-        wh.query_arrow(
-            "SELECT sum(transactions) AS t FROM recon_summary"
-            f" WHERE run_id = {rid}"
-        )
+        wh.query_arrow(f"SELECT sum(transactions) AS t FROM recon_summary WHERE run_id = {rid}")
     )[0]
     unpriced = scalar(
         wh.query_arrow(

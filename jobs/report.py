@@ -199,9 +199,7 @@ def _carried(
     )
     disputed = f"SELECT * FROM ({inner}) WHERE decision = 'dispute'"
     total = rows(
-        wh.query_arrow(
-            f"SELECT count() AS transactions, sum(amount) AS amount FROM ({disputed})"
-        )
+        wh.query_arrow(f"SELECT count() AS transactions, sum(amount) AS amount FROM ({disputed})")
     )[0]
     listing = rows(
         wh.query_arrow(
@@ -249,9 +247,7 @@ def _svg(width: int, height: int, body: str, title: str) -> str:
     )
 
 
-def hbar_chart(
-    items: Sequence[tuple[str, float, str, str]], title: str, width: int = 560
-) -> str:
+def hbar_chart(items: Sequence[tuple[str, float, str, str]], title: str, width: int = 560) -> str:
     """Horizontal bars: (label, value, color, value text) per bar."""
     label_w, bar_h, gap, right = 190, 22, 8, 110
     height = max(1, len(items)) * (bar_h + gap) + gap
@@ -321,8 +317,7 @@ def diverging_chart(items: Sequence[tuple[str, float, str]], title: str, width: 
     zero = label_w + 10 + (width - label_w - 20) / 2
     parts = [
         f'<line x1="{zero:.1f}" y1="4" x2="{zero:.1f}" y2="{height - 14}" class="axis"/>',
-        f'<text x="{zero - 8:.1f}" y="{height - 2}" text-anchor="end" class="note">'
-        "pays</text>",
+        f'<text x="{zero - 8:.1f}" y="{height - 2}" text-anchor="end" class="note">pays</text>',
         f'<text x="{zero + 8:.1f}" y="{height - 2}" class="note">receives</text>',
     ]
     for i, (label, value, text) in enumerate(items):
@@ -457,16 +452,14 @@ def _recon_section(data: ReportData) -> str:
         total = 0
         s_amt = h_amt = diff = ZERO
         for pair in pairs:
-            row = cell.get((cat, pair))
-            n = int(row["transactions"]) if row else 0
+            found = cell.get((cat, pair))
+            n = int(found["transactions"]) if found else 0
             total += n
-            if row:
-                s_amt += row["serving_amount"]
-                h_amt += row["home_amount"]
-                diff += row["amount_diff"]
-            cols.append(
-                _num_cell(n, _int(n), category=cat, pair=pair, field="transactions")
-            )
+            if found:
+                s_amt += found["serving_amount"]
+                h_amt += found["home_amount"]
+                diff += found["amount_diff"]
+            cols.append(_num_cell(n, _int(n), category=cat, pair=pair, field="transactions"))
         cols.append(_num_cell(total, _int(total), category=cat, pair="all", field="transactions"))
         cols.append(_num_cell(s_amt, _money(s_amt), category=cat, field="serving_amount"))
         cols.append(_num_cell(h_amt, _money(h_amt), category=cat, field="home_amount"))
@@ -483,9 +476,7 @@ def _recon_section(data: ReportData) -> str:
         + _num_cell(grand, _int(grand), field="grand_total")
         + "<td></td><td></td><td></td></tr>"
     )
-    table = _table(
-        ["Category", *pairs, "All", "Serving amount", "Home amount", "Difference"], body
-    )
+    table = _table(["Category", *pairs, "All", "Serving amount", "Home amount", "Difference"], body)
     counts = {c: 0 for c in CATEGORIES}
     for row in data.summary:
         counts[row["category"]] += int(row["transactions"])
@@ -557,7 +548,9 @@ def _settlement_section(data: ReportData) -> str:
     head = ["Serving \\ Home", *carriers, "Receivable"]
     body = []
     for s in carriers:
-        cols = [f"<td><b>{_e(s)}</b> <span class='muted'>{_e(CARRIER_NAMES.get(s, ''))}</span></td>"]
+        cols = [
+            f"<td><b>{_e(s)}</b> <span class='muted'>{_e(CARRIER_NAMES.get(s, ''))}</span></td>"
+        ]
         for h in carriers:
             if s == h:
                 cols.append("<td class='num muted'>-</td>")
@@ -570,8 +563,9 @@ def _settlement_section(data: ReportData) -> str:
     body.append(
         "<tr class='total'><td>Payable</td>"
         + "".join(
-            _num_cell(st.positions[h].payable, _money(st.positions[h].payable), carrier=h,
-                      field="payable")
+            _num_cell(
+                st.positions[h].payable, _money(st.positions[h].payable), carrier=h, field="payable"
+            )
             for h in carriers
         )
         + _num_cell(st.amount, _money(st.amount), field="settled_total")
@@ -642,8 +636,7 @@ def _shares_section(data: ReportData) -> str:
         items = [r for r in data.shares if r["party_type"] == party_type]
         body = [
             f"<tr><td>{_e(r['party'])}</td>"
-            + _num_cell(r["amount"], _money(r["amount"]), party_type=party_type,
-                        party=r["party"])
+            + _num_cell(r["amount"], _money(r["amount"]), party_type=party_type, party=r["party"])
             + "</tr>"
             for r in items
         ]
@@ -771,14 +764,21 @@ def _kpis(data: ReportData) -> str:
         ("Discrepancies", _int(total - counts["matched"]), total - counts["matched"]),
         ("Disputed / open", f"{_int(disputed_n)} / {_int(open_n)}", disputed_n),
         ("Settled (CNY)", _money(st.amount) if st else "not settled", st.amount if st else ""),
-        ("Carried-over disputes", _int(data.carried_total.get("transactions", 0)),
-         data.carried_total.get("transactions", 0)),
+        (
+            "Carried-over disputes",
+            _int(data.carried_total.get("transactions", 0)),
+            data.carried_total.get("transactions", 0),
+        ),
     ]
-    return "<div class='kpis'>" + "".join(
-        f"<div class='kpi'><div class='v' data-kpi='{_e(k)}' data-value='{_e(raw)}'>{_e(v)}</div>"
-        f"<div class='k'>{_e(k)}</div></div>"
-        for k, v, raw in items
-    ) + "</div>"
+    return (
+        "<div class='kpis'>"
+        + "".join(
+            f"<div class='kpi'><div class='v' data-kpi='{_e(k)}' data-value='{_e(raw)}'>"
+            f"{_e(v)}</div><div class='k'>{_e(k)}</div></div>"
+            for k, v, raw in items
+        )
+        + "</div>"
+    )
 
 
 def render_html(data: ReportData, exports: Sequence[str] = ()) -> str:
@@ -872,7 +872,11 @@ def write_report(
         shares = wh.query_arrow("SELECT * FROM revenue_shares LIMIT 0")
     _export(lines, files.lines_csv, files.lines_parquet)
     _export(shares, files.shares_csv, files.shares_parquet)
-    exports = [files.lines_csv.name, files.lines_parquet.name, files.shares_csv.name,
-               files.shares_parquet.name]
+    exports = [
+        files.lines_csv.name,
+        files.lines_parquet.name,
+        files.shares_csv.name,
+        files.shares_parquet.name,
+    ]
     files.html.write_text(render_html(data, exports), encoding="utf-8")
     return files

@@ -129,7 +129,9 @@ def net_positions(
         recv[serving] = recv.get(serving, Decimal("0.00")) + amount
         pay[home] = pay.get(home, Decimal("0.00")) + amount
     names = sorted(set(recv) | set(pay))
-    return {c: Position(c, recv.get(c, Decimal("0.00")), pay.get(c, Decimal("0.00"))) for c in names}
+    return {
+        c: Position(c, recv.get(c, Decimal("0.00")), pay.get(c, Decimal("0.00"))) for c in names
+    }
 
 
 def bilateral_transfers(bills: Mapping[tuple[str, str], Decimal]) -> list[Transfer]:
@@ -312,8 +314,7 @@ def settle(
     settled = _settled_sql(run_id)
     fp = rows(
         wh.query_arrow(
-            "SELECT count() AS n, sum(cityHash64(transaction_id)) AS h"
-            f" FROM ({settled})"
+            f"SELECT count() AS n, sum(cityHash64(transaction_id)) AS h FROM ({settled})"
         )
     )[0]
     hashed = {

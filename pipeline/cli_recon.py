@@ -81,7 +81,10 @@ def _err() -> Console:
 
 
 def _out() -> Console:
-    return Console(highlight=False)
+    console = Console(highlight=False)
+    if not console.is_terminal:  # piped to a file or a pager: do not cut the tables
+        console = Console(highlight=False, width=160)
+    return console
 
 
 def _run(ctx: typer.Context, job: Any) -> Any:
@@ -109,7 +112,9 @@ def _period(text: str) -> Period:
     try:
         return Period.parse(text)
     except ReconError as exc:
-        raise typer.BadParameter(str(exc).removeprefix("--period: "), param_hint="--period") from None
+        raise typer.BadParameter(
+            str(exc).removeprefix("--period: "), param_hint="--period"
+        ) from None
 
 
 def _money(value: Decimal | int | None, places: int = 2) -> str:
@@ -213,13 +218,14 @@ def _decide(
         d = record_decision(wh, run, category, decision, transaction, note)
         what = f"transaction {transaction}" if transaction else f"category {category}"
         _out().print(
-            f"{decision}ed {what} of run {d.run_id}: {d.transactions:,} transaction(s),"
+            f"{_PAST[decision]} {what} of run {d.run_id}: {d.transactions:,} transaction(s),"
             f" CNY {_money(d.amount, 6)} list amount. Run `tokenmeter settle` to apply it."
         )
 
     _run(ctx, job)
 
 
+_PAST = {"accept": "accepted", "dispute": "disputed"}
 _RunOpt = Annotated[str, typer.Option("--run", help="Run id (see `tokenmeter recon list`).")]
 _CategoryOpt = Annotated[
     str, typer.Option("--category", help=f"One of: {', '.join(DISCREPANCIES)}.")
@@ -382,8 +388,13 @@ def report_command(
     def job(wh: Warehouse) -> None:
         files = write_report(wh, p, target, parse_carriers(carriers))
         console = _out()
-        for path in (files.html, files.lines_csv, files.lines_parquet, files.shares_csv,
-                     files.shares_parquet):
+        for path in (
+            files.html,
+            files.lines_csv,
+            files.lines_parquet,
+            files.shares_csv,
+            files.shares_parquet,
+        ):
             console.print(str(path))
 
     _run(ctx, job)

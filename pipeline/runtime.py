@@ -25,7 +25,7 @@ from confluent_kafka import Producer
 from pipeline.events import Reason, Rejection, Rules, Stage, dedup_key, now_ms, pseudonymise
 from pipeline.metering.dedup import DedupIndex
 from pipeline.metering.plans import load_plans
-from pipeline.metering.pricing import load_cards, price_lines_rows
+from pipeline.metering.pricing import load_cards
 from pipeline.produce import DeliveryError, producer_config
 from pipeline.serde import AvroCodec, DecodeError
 from pipeline.settings import Settings
@@ -36,6 +36,7 @@ from pipeline.stages.window import GRAINS, corrections_table, rollup_table
 from pipeline.warehouse import Warehouse, open_warehouse
 from pipeline.warehouse.arrow_rows import dead_letters_table, usage_events_table
 from pipeline.warehouse.base import quote_literal
+from pipeline.warehouse.price_cards import sync_price_cards
 
 if TYPE_CHECKING:
     from pipeline.metrics import WorkerMetrics
@@ -47,18 +48,6 @@ DEAD_LETTER_TABLE = "dead_letters"
 CORRECTIONS_TABLE = "usage_corrections"
 # Written in this order; usage_events last, so a stored event implies stored rollups.
 ROLLUP_TABLES = (*GRAINS, CORRECTIONS_TABLE)
-
-_PRICE_CARDS = pa.schema(
-    [
-        ("price_card_version", pa.string()),
-        ("effective_from", pa.timestamp("ms", tz="UTC")),
-        ("serving_carrier", pa.string()),
-        ("model_id", pa.string()),
-        ("token_class", pa.string()),
-        ("unit_price_per_million", pa.decimal128(38, 6)),
-        ("token_unit_factor", pa.decimal128(38, 6)),
-    ]
-)
 
 # Chinese mobile numbers; a raw payload kept for a dead letter has them pseudonymised.
 _PHONE = re.compile(rb"(?<!\d)1[3-9]\d{9}(?!\d)")
@@ -119,20 +108,9 @@ class Pipeline:
         )
         self.dl_producer = Producer(producer_config(settings, **{"linger.ms": 5}))
         self.totals = BatchReport()
-        self.store_price_cards()
-
-    def store_price_cards(self) -> None:
-        """Record the loaded price-card versions in ``price_cards`` (once per version)."""
-        stored = set(
-            self.wh.query_arrow("SELECT DISTINCT price_card_version AS v FROM price_cards")
-            .column("v")
-            .to_pylist()
-            if self.wh.query_arrow("SELECT count() AS n FROM price_cards").column("n")[0].as_py()
-            else []
-        )
-        rows = [r for r in price_lines_rows(self.book) if r["price_card_version"] not in stored]
-        if rows:
-            self.wh.insert_arrow("price_cards", pa.Table.from_pylist(rows, schema=_PRICE_CARDS))
+        # The cards in force are recorded for analysts (a version whose lines changed
+        # replaces its rows).
+        sync_price_cards(self.wh, self.book)
 
     def _on_sink_retry(self, table: str, attempt: int, exc: Exception) -> None:
         self.sink_errors += 1
@@ -191,8 +169,14 @@ class Pipeline:
         )
 
     def release_usage_partitions(self, partitions: list[int]) -> None:
-        """Give partitions up; their marks are re-read if they come back."""
-        self.sink.forget(self.settings.topic_usage, partitions)
+        """Give partitions up. Every partition's state is then re-read from the warehouse
+        before its next batch: the tier counters are per tenant, not per partition, so
+        they are cleared as a whole rather than risk counting a returning partition's
+        usage twice."""
+        topic = self.settings.topic_usage
+        held = [p for t, p in self.sink.tables[USAGE_TABLE].loaded if t == topic]
+        self.sink.forget(topic, sorted(set(held) | set(partitions)))
+        self.rater.usage.clear()
 
     # ---- the usage path -------------------------------------------------------
     def process_usage(self, messages: list[RawMessage]) -> BatchReport:

@@ -393,7 +393,9 @@ class ReconSimulation:
             output_tokens = 10 + int(rng.lognormvariate(5.5, 0.9)) % 4000
             cached = int(input_tokens * rng.uniform(0.1, 0.9)) if rng.random() < 0.3 else 0
             reasoning = (
-                50 + int(rng.lognormvariate(7.0, 0.8)) % 16_000 if model_id in self._reasoning else 0
+                50 + int(rng.lognormvariate(7.0, 0.8)) % 16_000
+                if model_id in self._reasoning
+                else 0
             )
         self._tx += 1
         phone = f"1{rng.choice('3456789')}{rng.randrange(10**9):09d}"

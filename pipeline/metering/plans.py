@@ -39,9 +39,12 @@ class TenantPlans:
 
 
 def load_plans(path: Path | None) -> TenantPlans:
-    """Read a plans file; ``None`` or a missing default file means everyone pays list."""
-    if path is None or not path.exists():
+    """Read a plans file; ``None`` means everyone pays list price. A path that does not
+    exist is an error (a mistyped path must not bill everyone at list price)."""
+    if path is None:
         return TenantPlans()
+    if not path.exists():
+        raise PlansError(f"TOKENMETER_TENANT_PLANS: {path} does not exist")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:

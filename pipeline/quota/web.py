@@ -16,7 +16,8 @@ ready for this tenant yet: retry; carries ``Retry-After: 1``).
 
 Routing: a tenant's quota lives on the worker that owns the tenant's partition of the
 usage topic (its events are keyed by tenant). A request reaching another worker is
-forwarded there (body included) using faust's assignment of that topic; reservation ids
+forwarded there (body included), found in faust's assignment of that topic (the
+partition is computed with Kafka's murmur2 partitioner, as producers do); reservation ids
 name their tenant, so commit and release route the same way.
 """
 
@@ -27,6 +28,7 @@ from typing import Any
 
 import faust
 from faust.web import Request, Response, View
+from yarl import URL
 
 from pipeline.metering.quota import (
     BadAmountError,
@@ -46,6 +48,7 @@ from pipeline.quota.service import (
 )
 
 FORWARDED = "X-Tokenmeter-Forwarded"
+OWNER = "X-Tokenmeter-Owner"  # on answers forwarded from the owning worker
 DEFAULT_TTL_S = 30.0
 
 
@@ -84,7 +87,7 @@ def _optional_str(body: dict[str, Any], name: str) -> str | None:
 
 def register_quota_pages(app: faust.App, service: QuotaService) -> None:
     """Add the four quota calls to the worker's faust app."""
-    usage_topic = app.topic(service.settings.topic_usage, key_type=bytes, value_type=bytes)
+    usage_topic = service.settings.topic_usage
 
     def reply(view: View, body: Any, status: int = 200) -> Response:
         return view.bytes(
@@ -110,21 +113,27 @@ def register_quota_pages(app: faust.App, service: QuotaService) -> None:
         """Send the request to the worker owning ``tenant_id`` if that is not us."""
         if service.owns(tenant_id) or request.headers.get(FORWARDED):
             return None
-        try:
-            dest = app.router.external_topic_key_store(usage_topic, tenant_id.encode())
-        except (KeyError, AttributeError, TypeError):
-            return None  # no assignment yet: answer locally (503 until restored)
+        partition = service.partition_of(tenant_id)
+        dest: URL | None = None
+        # {worker url: {topic: partitions}}, as faust's assignor distributed it
+        for owner, topics in app.router.external_topics_metadata().items():
+            if partition in topics.get(usage_topic, ()):
+                dest = URL(owner)
+                break
         here = app.conf.canonical_url
-        if (dest.host, dest.port) == (here.host, here.port):
-            return None
-        url = request.url.with_host(dest.host or "").with_port(dest.port)
+        if dest is None or (dest.host, dest.port) == (here.host, here.port):
+            return None  # no owner known yet, or us: answer here (503 until restored)
+        target = request.url.with_host(dest.host or "").with_port(dest.port)
         data = await request.read()
         headers = {FORWARDED: "1", "Content-Type": "application/json"}
         async with app.http_client.request(
-            method=request.method, url=url, data=data, headers=headers
+            method=request.method, url=target, data=data, headers=headers
         ) as resp:
             return view.bytes(
-                await resp.read(), content_type="application/json", status=resp.status
+                await resp.read(),
+                content_type="application/json",
+                status=resp.status,
+                headers={OWNER: str(dest)},
             )
 
     @app.page("/v1/quotas/{tenant_id}", name="quota_status")

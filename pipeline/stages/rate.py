@@ -35,6 +35,7 @@ class RateStage:
         self.book = book
         self.plans = plans
         self.usage: dict[tuple[str, str], Decimal] = {}
+        self._periods: dict[tuple[int, str], str] = {}
 
     def add_usage(self, tenant_id: str, period: str, token_units: Decimal) -> None:
         """Count stored usage (used when loading from the warehouse)."""
@@ -50,7 +51,15 @@ class RateStage:
     def _period(self, event_ms: int, plan: str | None) -> str:
         card = self.book.card_at(event_ms)
         found = card.plans.get(plan) if (card is not None and plan is not None) else None
-        return period_key(event_ms, found.period if found is not None else "month")
+        kind = found.period if found is not None else "month"
+        # Beijing time is a whole-hour offset: one answer per UTC hour and period kind.
+        key = (event_ms // 3_600_000, kind)
+        period = self._periods.get(key)
+        if period is None:
+            if len(self._periods) > 100_000:
+                self._periods.clear()
+            period = self._periods[key] = period_key(event_ms, kind)
+        return period
 
     def rate(self, accepted: list[Accepted]) -> tuple[list[Rated], list[tuple[Accepted, Unpriced]]]:
         """Rate a batch in log order. Returns the rated events and the unpriced ones."""

@@ -120,3 +120,29 @@ def strip_statement(sql: str) -> str:
     if not text:
         raise ReadOnlyViolationError("empty query")
     return text
+
+
+# ClickHouse's Arrow output turns DateTime (not DateTime64) into plain uint32 seconds.
+# Analysts' queries are wrapped so such columns come back as time stamps with their zone.
+_DATETIME = re.compile(r"^(?:Nullable\(|LowCardinality\()*DateTime(?:\('[^']*'\))?\)*$")
+
+
+def datetime_columns(describe: pa.Table) -> list[str]:
+    """Names of the DateTime (not DateTime64) columns in a ``DESCRIBE`` result."""
+    if describe.num_rows == 0:
+        return []
+    names = describe.column("name").to_pylist()
+    types = describe.column("type").to_pylist()
+    return [n for n, t in zip(names, types, strict=True) if _DATETIME.match(str(t))]
+
+
+def with_timestamps(text: str, columns: list[str]) -> str:
+    """``SELECT * FROM (text)``, with the given DateTime columns as DateTime64."""
+    if not columns:
+        return f"SELECT * FROM (\n{text}\n)"
+    replaced = ", ".join(f"toDateTime64({_backtick(c)}, 0) AS {_backtick(c)}" for c in columns)
+    return f"SELECT * REPLACE ({replaced}) FROM (\n{text}\n)"
+
+
+def _backtick(name: str) -> str:
+    return "`" + name.replace("\\", "\\\\").replace("`", "\\`") + "`"

@@ -24,9 +24,11 @@ from pipeline.warehouse.base import (
     WarehouseLockedError,
     arrow_stream_bytes,
     binary_unless_utf8,
+    datetime_columns,
     quote_ident,
     quote_literal,
     strip_statement,
+    with_timestamps,
 )
 
 _READ_STATEMENTS = ("Show", "Describe", "Explain", "Exists")
@@ -89,7 +91,9 @@ class EmbeddedWarehouse:
                 "read-only access: DESCRIBE of a table function is not allowed"
             )
         if kind in ("SelectWithUnionQuery", "SelectIntersectExceptQuery"):
-            return self.query_arrow(f"SELECT * FROM (\n{text}\n) SETTINGS readonly = 1")
+            described = self.query_arrow(f"DESCRIBE (\n{text}\n) SETTINGS readonly = 1")
+            wrapped = with_timestamps(text, datetime_columns(described))
+            return self.query_arrow(f"{wrapped} SETTINGS readonly = 1")
         if kind.startswith(_READ_STATEMENTS):
             return self.query_arrow(f"{text}\nSETTINGS readonly = 1")
         raise ReadOnlyViolationError(

@@ -13,7 +13,13 @@ import clickhouse_connect
 import pyarrow as pa
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
-from pipeline.warehouse.base import WarehouseError, binary_unless_utf8, strip_statement
+from pipeline.warehouse.base import (
+    WarehouseError,
+    binary_unless_utf8,
+    datetime_columns,
+    strip_statement,
+    with_timestamps,
+)
 
 
 def parse_url(url: str) -> dict[str, Any]:
@@ -69,9 +75,7 @@ class ServerWarehouse:
                 # No HTTP session: the worker's query endpoint and its pipeline thread
                 # call concurrently, and clickhouse-connect refuses concurrent queries
                 # within one session.
-                client = clickhouse_connect.get_client(
-                    **self._args, autogenerate_session_id=False
-                )
+                client = clickhouse_connect.get_client(**self._args, autogenerate_session_id=False)
             except (ClickHouseError, OSError) as exc:
                 raise WarehouseError(f"cannot reach {self.location}: {exc}") from None
         self._client = client
@@ -93,10 +97,13 @@ class ServerWarehouse:
 
     def query_readonly(self, sql: str) -> pa.Table:
         """An analyst's query with the ``readonly=1`` setting sent along with it."""
+        text = strip_statement(sql)
+        readonly = {"readonly": 1}
         try:
-            table: pa.Table = self._client.query_arrow(
-                strip_statement(sql), settings={"readonly": 1}
-            )
+            if text.split(None, 1)[0].upper() in ("SELECT", "WITH", "("):
+                described = self._client.query_arrow(f"DESCRIBE ({text})", settings=readonly)
+                text = with_timestamps(text, datetime_columns(described))
+            table: pa.Table = self._client.query_arrow(text, settings=readonly)
         except ClickHouseError as exc:
             raise WarehouseError(str(exc).split("\n", 1)[0]) from None
         return binary_unless_utf8(table)

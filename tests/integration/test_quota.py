@@ -272,3 +272,90 @@ def test_http_errors_are_clear(harness: Harness) -> None:
     while call("GET", "/v1/quotas/tn-quota-err", None)[0] != 404:
         assert time.monotonic() < deadline, "deleted quota still served"
         time.sleep(0.2)
+
+
+def test_requests_reach_the_worker_that_owns_the_tenant(harness: Harness) -> None:
+    """Two workers share the usage partitions; either one answers for every tenant,
+    forwarding to the owner (each keeps its own embedded warehouse here, which is
+    enough for routing)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.integration.harness import ROOT, free_port
+
+    h = harness
+    tenants = [f"tn-quota-route-{i}" for i in range(8)]
+    for t in tenants:
+        h.cli("quota", "set", "--tenant", t, "--period", "day", "--limit-tu", "1000", "--hard")
+    h.start_worker()
+    other_dir = h.data_dir.parent / "data-2"
+    other_dir.mkdir()
+    (other_dir / "secrets").mkdir()
+    (other_dir / "secrets" / "pseudonym.key").write_text(
+        (h.data_dir / "secrets" / "pseudonym.key").read_text()
+    )
+    port = free_port()
+    env = dict(h.env, TOKENMETER_DATA_DIR=str(other_dir), TOKENMETER_WEB_PORT=str(port))
+    with (other_dir / "worker.log").open("ab") as log:
+        second = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "worker"],
+            env=env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        ports = (h.port, port)
+
+        def status(p: int, tenant: str) -> int:
+            try:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{p}/v1/quotas/{tenant}", timeout=5
+                ) as r:
+                    return int(r.status)
+            except urllib.error.HTTPError as exc:
+                return int(exc.code)
+            except OSError:
+                return 0  # not listening yet
+
+        deadline = time.monotonic() + 90
+        while not all(status(p, t) == 200 for p in ports for t in tenants):
+            assert time.monotonic() < deadline, "both workers never answered for all tenants"
+            time.sleep(0.5)
+        forwarded = set()
+        for i, t in enumerate(tenants):
+            entry, other = ports[i % 2], ports[1 - i % 2]
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{entry}/v1/quotas/{t}/reservations",
+                data=b'{"token_units": 700}',
+                method="POST",
+            )
+            with urllib.request.urlopen(req, timeout=5) as r:
+                grant = json.loads(r.read())
+                if r.headers.get("X-Tokenmeter-Owner"):
+                    forwarded.add(entry)
+            assert grant["granted"] == "700"
+            # the same quota, whichever worker is asked: the second grant is partial
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{other}/v1/quotas/{t}/reservations",
+                data=b'{"token_units": 700}',
+                method="POST",
+            )
+            with urllib.request.urlopen(req, timeout=5) as r:
+                assert json.loads(r.read())["granted"] == "300"
+            rid = grant["reservation_id"]
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{other}/v1/reservations/{rid}", method="DELETE"
+            )
+            with urllib.request.urlopen(req, timeout=5) as r:
+                assert json.loads(r.read())["outcome"] == "released"
+            for p in ports:
+                with urllib.request.urlopen(f"http://127.0.0.1:{p}/v1/quotas/{t}") as r:
+                    assert json.loads(r.read())["reserved"] == "300"
+        assert forwarded == set(ports)  # each worker forwarded to the other at least once
+    finally:
+        os.killpg(second.pid, signal.SIGKILL)
+        second.wait(10)

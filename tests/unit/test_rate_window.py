@@ -381,7 +381,8 @@ def test_plan_file_errors_name_the_setting(tmp_path: Path, text: str, message: s
 
 def test_plan_files_that_work(tmp_path: Path) -> None:
     assert load_plans(None) == TenantPlans()
-    assert load_plans(tmp_path / "absent.yaml").plan_for("x") is None
+    with pytest.raises(PlansError, match="TOKENMETER_TENANT_PLANS: .*absent.yaml does not exist"):
+        load_plans(tmp_path / "absent.yaml")  # a mistyped path must not mean "list price"
     path = tmp_path / "plans.yaml"
     path.write_text("default: standard\ntenants:\n  vip: enterprise\n  free: null\n")
     plans = load_plans(path)

@@ -211,12 +211,14 @@ def test_server_errors_become_one_line_warehouse_errors(
 
 
 def test_query_readonly_sends_readonly_1(stub: ClickHouseHTTPStub, wh: ServerWarehouse) -> None:
+    stub.answer("DESCRIBE", pa.table({"name": ["n"], "type": ["UInt64"]}))
     stub.answer("FROM usage_hour", pa.table({"n": pa.array([7], pa.uint64())}))
     result = wh.query_readonly("SELECT count() AS n FROM usage_hour ;\n")
     assert result.column("n").to_pylist() == [7]
+    assert stub.last("DESCRIBE").params["readonly"] == "1"
     request = stub.last("FROM usage_hour")
     assert request.params["readonly"] == "1"
-    assert request.query == "SELECT count() AS n FROM usage_hour\n FORMAT Arrow"
+    assert request.query == "SELECT * FROM (\nSELECT count() AS n FROM usage_hour\n)\n FORMAT Arrow"
     # ordinary queries do not carry it
     wh.query_arrow("SELECT count() AS n FROM usage_hour")
     assert "readonly" not in stub.last("FROM usage_hour").params
@@ -242,6 +244,7 @@ def test_non_utf8_strings_come_back_as_bytes(stub: ClickHouseHTTPStub, wh: Serve
     # UTF-8; pyarrow cannot turn that into Python values without help.
     payloads = [b"\xff\xfe raw", b"ok"]
     raw = pa.Array.from_buffers(pa.string(), 2, pa.array(payloads, pa.binary()).buffers())
+    stub.answer("DESCRIBE", pa.table({"name": ["payload"], "type": ["String"]}))
     stub.answer("FROM dead_letters", pa.table({"payload": raw}))
     for result in (
         wh.query_arrow("SELECT payload FROM dead_letters"),
@@ -374,3 +377,18 @@ def test_a_failing_migration_stops_open_warehouse_and_is_not_recorded(
     # those before it went through; it failed, and nothing after it ran
     assert recorded == [m.version for m in discover() if m.version < failing]
     assert not any("usage_minute" in q for q in stub.queries() if q.startswith("CREATE"))
+
+
+def test_datetime_columns_come_back_as_timestamps(
+    stub: ClickHouseHTTPStub, wh: ServerWarehouse
+) -> None:
+    # ClickHouse's Arrow output sends DateTime as bare uint32 seconds; the read-only path
+    # asks for DateTime64 instead, so analysts see times, not integers.
+    stub.answer(
+        "DESCRIBE",
+        pa.table({"name": ["period_start", "n"], "type": ["DateTime('Asia/Shanghai')", "UInt64"]}),
+    )
+    stub.answer("FROM usage_day", pa.table({"n": pa.array([1], pa.uint64())}))
+    wh.query_readonly("SELECT period_start, count() AS n FROM usage_day GROUP BY period_start")
+    sent = stub.last("FROM usage_day").query
+    assert sent.startswith("SELECT * REPLACE (toDateTime64(`period_start`, 0) AS `period_start`)")

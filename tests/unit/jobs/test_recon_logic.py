@@ -114,7 +114,9 @@ PARAMS = ReconParams(Period.parse("2026-11"), token_tolerance=2, amount_toleranc
         ((1, 1, False, 99, D("9"), D("1")), "token_mismatch"),  # tokens before amount
     ],
 )
-def test_classify_precedence(args: tuple[int, int, bool, int, Decimal, Decimal], expected: str) -> None:
+def test_classify_precedence(
+    args: tuple[int, int, bool, int, Decimal, Decimal], expected: str
+) -> None:
     assert classify(*args, PARAMS) == expected
 
 
