@@ -320,39 +320,43 @@ def ensure_prices(wh: Warehouse, book: PriceBook, models: Iterable[str]) -> str:
     return book_id
 
 
-def _version_sql(book: PriceBook) -> str:
-    """SQL: the price card version in force at ``event_time`` ('' before the first)."""
-    parts = []
-    for card in reversed(book.cards):
-        parts.append(f"event_time >= {_ts(card.effective_from_ms)}, {quote_literal(card.version)}")
-    if not parts:
-        return "''"
-    return f"multiIf({', '.join(parts)}, '')"
-
-
 def _ts(ms: int) -> str:
     return f"fromUnixTimestamp64Milli(toInt64({ms}), 'UTC')"
 
 
+def _array(values: Sequence[str]) -> str:
+    return "[" + ", ".join(quote_literal(v) for v in values) + "]"
+
+
+def _ints(values: Iterable[int]) -> str:
+    return "[" + ", ".join(str(v) for v in values) + "]"
+
+
 # ---- the SQL ------------------------------------------------------------------------------
+
+STATUSES: tuple[str, ...] = ("ok", "timeout", "rate_limited", "error", "failover")
 
 
 def _base_filter(carriers: Sequence[str]) -> str:
     """Cross-carrier records of the chosen carriers, reported by one of the two."""
-    listed = ", ".join(quote_literal(c) for c in carriers)
-    return (
+    where = (
         "transaction_id IS NOT NULL AND home_carrier != serving_carrier"
         " AND (reporting_carrier = serving_carrier OR reporting_carrier = home_carrier)"
-        f" AND home_carrier IN ({listed}) AND serving_carrier IN ({listed})"
     )
+    if tuple(carriers) != CARRIERS:  # the contract's enum has no other carrier
+        listed = _array(carriers)
+        where += f" AND home_carrier IN {listed} AND serving_carrier IN {listed}"
+    return where
 
 
 def _straddling_sql(base: str, boundary_ms: int, window_ms: int) -> str:
-    """Transactions with records on both sides of a boundary, within the window."""
+    """Transactions with records on both sides of a boundary, within the window (a
+    PREWHERE on the time keeps this to the few records near the boundary)."""
     return (
         "SELECT assumeNotNull(transaction_id) FROM usage_events"
-        f" WHERE {base} AND event_time >= {_ts(boundary_ms - window_ms)}"
+        f" PREWHERE event_time >= {_ts(boundary_ms - window_ms)}"
         f" AND event_time < {_ts(boundary_ms + window_ms)}"
+        f" WHERE {base}"
         f" GROUP BY transaction_id HAVING min(event_time) < {_ts(boundary_ms)}"
         f" AND max(event_time) >= {_ts(boundary_ms)}"
     )
@@ -375,39 +379,123 @@ def _records_filter(params: ReconParams) -> str:
     )
 
 
+@dataclass(frozen=True)
+class _Inputs:
+    """What one pass over a run's records finds: their number, their fingerprint and
+    the labels that occur (for small integer codes in the main query)."""
+
+    records: int
+    fingerprint: int
+    models: tuple[str, ...]
+    providers: tuple[str, ...]
+    channels: tuple[str, ...]
+
+
+def _scan_inputs(wh: Warehouse, params: ReconParams) -> _Inputs:
+    """The fingerprint is the count and the sum of cityHash64(reporting_carrier,
+    event_id, payload_hash) of the records the run reads: any added, removed or changed
+    record changes it."""
+    found = rows(
+        wh.query_arrow(
+            "SELECT count() AS n, sum(cityHash64(reporting_carrier, event_id, payload_hash))"
+            " AS h, groupUniqArray(toString(model_id)) AS m,"
+            " groupUniqArray(toString(provider)) AS p, groupUniqArray(toString(channel)) AS c"
+            f" FROM usage_events WHERE {_records_filter(params)}"
+        )
+    )[0]
+    return _Inputs(
+        int(found["n"]),
+        int(found["h"] or 0),
+        tuple(sorted(found["m"] or [])),
+        tuple(sorted(found["p"] or [])),
+        tuple(sorted(found["c"] or [])),
+    )
+
+
 _MASK32 = 0xFFFFFFFF
+_MASK16 = 0xFFFF
 
 
-def _results_sql(params: ReconParams, run_id: str, book: PriceBook, book_id: str) -> str:
+def _price_arrays(book: PriceBook, models: Sequence[str]) -> dict[str, str]:
+    """SQL array literals: per (card version, serving carrier, model), the price of each
+    token class in pico-CNY per token and whether a line prices it; per (version,
+    status), whether it is billed. Indexed as documented in ``_results_sql``."""
+    rows_ = {
+        (r["version"], r["serving_carrier"], r["model_id"]): r for r in price_rows(book, models)
+    }
+    cols: dict[str, list[int]] = {
+        k: [] for k in ("p_in", "p_cached", "p_out", "p_reason", "priced")
+    }
+    billable: list[int] = []
+    for card in book.cards:
+        for carrier in CARRIERS:
+            for model in models:
+                r = rows_.get((card.version, carrier, model))
+                cols["p_in"].append(r["p_input"] if r else 0)
+                cols["p_cached"].append(r["p_cached_input"] if r else 0)
+                cols["p_out"].append(r["p_output"] if r else 0)
+                cols["p_reason"].append(r["p_reasoning"] if r else 0)
+                cols["priced"].append(1 if r else 0)
+        policy = card.billable.model_dump()
+        billable.extend(1 if policy.get(status) else 0 for status in STATUSES)
+    out = {k: f"CAST({_ints(v)}, 'Array(UInt64)')" for k, v in cols.items()}
+    out["billable"] = f"CAST({_ints(billable)}, 'Array(UInt8)')"
+    return out
+
+
+def _results_sql(params: ReconParams, run_id: str, book: PriceBook, inputs: _Inputs) -> str:
     """INSERT ... SELECT of one run's ``recon_results``.
 
-    Records are grouped by transaction_id with few, mostly numeric aggregate states (the
-    cost of a GROUP BY over ten million keys is per state): per side, the canonical
-    record is the minimum of 128-bit words whose high 64 bits are (event time relative
-    to the window start, 32 bits) | (32-bit hash of the event id), so three minimums
-    pick the same record and carry its amount, input/output and cached/reasoning tokens
-    in their low 64 bits.
+    Per record: the price from array literals indexed by (card version, serving carrier,
+    model) (no join); the labels as small integer codes. Grouped by transaction_id with
+    few, mostly numeric aggregate states (a GROUP BY over ten million keys costs per
+    state and row): per side, the canonical record is the minimum of 128-bit words whose
+    high 64 bits are (milliseconds since the period start, 32 bits) | (32-bit hash of
+    the event id), so three minimums pick the same record and carry its amount and its
+    input/output and cached/reasoning tokens in their low 64 bits; the labels come from
+    the minimum of a 64-bit code in which the serving side sorts first.
     """
     origin = params.period.start_ms  # no record of a run is earlier than its period start
     end = params.period.end_ms
+    models, providers, channels = inputs.models, inputs.providers, inputs.channels
+    n_models = max(1, len(models))
+    prices = _price_arrays(book, models)
+    version = (
+        "multiIf("
+        + "".join(
+            f"e.event_time >= {_ts(card.effective_from_ms)}, {i + 1}, "
+            for i, card in reversed(list(enumerate(book.cards)))
+        )
+        + "0)"
+    )
     records = f"""
         SELECT
             assumeNotNull(e.transaction_id) AS tx,
             e.reporting_carrier = e.serving_carrier AS s,
             e.event_time >= {_ts(end)} AS la,
             e.event_id AS event_id,
+            e.tenant_id AS tenant_id,
             bitOr(
                 bitShiftLeft(toUInt64(toUnixTimestamp64Milli(e.event_time) - {origin}), 32),
                 bitAnd(cityHash64(e.event_id), {_MASK32})
             ) AS rk,
-            e.cached_tokens <= e.input_tokens AND p.priced = 1 AS ok_price,
+            toUInt64({version}) AS ver,
+            toUInt64(indexOf({_array(CARRIERS)}, toString(e.serving_carrier))) AS sv,
+            toUInt64(indexOf({_array(CARRIERS)}, toString(e.home_carrier))) AS hv,
+            toUInt64(indexOf({_array(models)}, toString(e.model_id))) AS mi,
+            toUInt64(indexOf({_array(STATUSES)}, toString(e.status))) AS st,
+            if(ver > 0 AND sv > 0 AND mi > 0,
+               ((ver - 1) * 3 + sv - 1) * {n_models} + mi, 0) AS pk,
+            pk > 0 AND arrayElement({prices["priced"]}, pk) = 1 AND st > 0
+              AND e.cached_tokens <= e.input_tokens AS ok_price,
             if(ok_price,
-               (e.input_tokens - e.cached_tokens) * p.p_input
-                 + e.cached_tokens * p.p_cached_input
-                 + e.output_tokens * p.p_output
-                 + e.reasoning_tokens * p.p_reasoning,
+               toUInt64(e.input_tokens - e.cached_tokens) * arrayElement({prices["p_in"]}, pk)
+                 + e.cached_tokens * arrayElement({prices["p_cached"]}, pk)
+                 + e.output_tokens * arrayElement({prices["p_out"]}, pk)
+                 + e.reasoning_tokens * arrayElement({prices["p_reason"]}, pk),
                toUInt64(0)) AS pico,
-            if(ok_price AND has(p.billable_statuses, toString(e.status)),
+            if(ok_price
+                 AND arrayElement({prices["billable"]}, (ver - 1) * {len(STATUSES)} + st) = 1,
                intDiv(pico, 1000000)
                  + toUInt64((pico % 1000000) > 500000
                    OR ((pico % 1000000) = 500000 AND intDiv(pico, 1000000) % 2 = 1)),
@@ -421,18 +509,16 @@ def _results_sql(params: ReconParams, run_id: str, book: PriceBook, book_id: str
             bitOr(bitShiftLeft(toUInt128(rk), 64),
                   bitOr(bitShiftLeft(toUInt128(e.cached_tokens), 32),
                         toUInt128(e.reasoning_tokens))) AS w_cr,
-            concat(if(s, '0', '1'), e.serving_carrier, '\\x1f', e.home_carrier, '\\x1f',
-                   e.model_id, '\\x1f', e.provider, '\\x1f', e.channel, '\\x1f',
-                   e.tenant_id) AS dims
-        FROM (SELECT *, {_version_sql(book)} AS price_version FROM usage_events
-              WHERE {_records_filter(params)}) AS e
-        LEFT ANY JOIN (
-            SELECT version, serving_carrier, model_id, toUInt8(1) AS priced, p_input,
-                   p_cached_input, p_output, p_reasoning, billable_statuses
-            FROM recon_prices WHERE price_book_id = {quote_literal(book_id)}
-        ) AS p
-        ON e.price_version = p.version AND e.serving_carrier = p.serving_carrier
-           AND e.model_id = p.model_id
+            bitOr(bitShiftLeft(toUInt64(NOT s), 62),
+              bitOr(bitShiftLeft(sv, 52),
+                bitOr(bitShiftLeft(hv, 48),
+                  bitOr(bitShiftLeft(mi, 32),
+                    bitOr(bitShiftLeft(toUInt64(indexOf({_array(providers)},
+                                                        toString(e.provider))), 16),
+                          toUInt64(indexOf({_array(channels)}, toString(e.channel)))))))) AS code,
+            bitOr(bitShiftLeft(toUInt128(NOT s), 64), toUInt128(rk)) AS dk
+        FROM usage_events AS e
+        WHERE {_records_filter(params)}
     """
     grouped = f"""
         SELECT
@@ -443,11 +529,10 @@ def _results_sql(params: ReconParams, run_id: str, book: PriceBook, book_id: str
             minIf(w_io, s) AS s_io, minIf(w_io, NOT s) AS h_io,
             minIf(w_cr, s) AS s_cr, minIf(w_cr, NOT s) AS h_cr,
             groupArrayIf(event_id, s) AS s_ids, groupArrayIf(event_id, NOT s) AS h_ids,
-            min(dims) AS dims
+            min(code) AS code, argMin(tenant_id, dk) AS tenant
         FROM ({records})
         GROUP BY tx
     """
-    low32 = f"bitAnd({{x}}, {_MASK32})"
 
     def lo64(x: str) -> str:
         return f"toUInt64(bitAnd({x}, toUInt128('18446744073709551615')))"
@@ -460,8 +545,12 @@ def _results_sql(params: ReconParams, run_id: str, book: PriceBook, book_id: str
 
     def canonical(ids: str, word: str) -> str:
         return (
-            f"arrayFirst(i -> bitAnd(cityHash64(i), {_MASK32}) = {low32.format(x=hi(word))}, {ids})"
+            f"if(length({ids}) = 1, {ids}[1], arrayFirst(i -> bitAnd(cityHash64(i), {_MASK32})"
+            f" = bitAnd({hi(word)}, {_MASK32}), {ids}))"
         )
+
+    def label(values: Sequence[str], shift: int, mask: int) -> str:
+        return f"arrayElement({_array(values)}, bitAnd(bitShiftRight(code, {shift}), {mask}))"
 
     tokens = {
         "input": ("io", 32),
@@ -482,7 +571,8 @@ def _results_sql(params: ReconParams, run_id: str, book: PriceBook, book_id: str
         {quote_literal(run_id)} AS run_id,
         {quote_literal(params.period.label)} AS period,
         tx AS transaction_id,
-        d[1] AS serving_carrier, d[2] AS home_carrier,
+        {label(CARRIERS, 52, 7)} AS serving_carrier,
+        {label(CARRIERS, 48, 7)} AS home_carrier,
         multiIf(
             la_n > 0, 'period_boundary',
             s_n > 1 OR h_n > 1, 'duplicate',
@@ -492,8 +582,10 @@ def _results_sql(params: ReconParams, run_id: str, book: PriceBook, book_id: str
             toUInt128(greatest(s_amt, h_amt) - least(s_amt, h_amt)) * 1000000000
               > toUInt128({params.tolerance_ppb}) * greatest(s_amt, h_amt), 'amount_mismatch',
             'matched') AS category,
-        arrayStringConcat(arraySlice(d, 6), '\\x1f') AS tenant_id,
-        d[3] AS model_id, d[4] AS provider, d[5] AS channel,
+        tenant AS tenant_id,
+        {label(models, 32, _MASK16)} AS model_id,
+        {label(providers, 16, _MASK16)} AS provider,
+        {label(channels, 0, _MASK16)} AS channel,
         s_n AS serving_records, h_n AS home_records,
         if(s_n > 0, {canonical("s_sorted", "s_io")}, '') AS serving_event_id,
         if(h_n > 0, {canonical("h_sorted", "h_io")}, '') AS home_event_id,
@@ -514,7 +606,6 @@ def _results_sql(params: ReconParams, run_id: str, book: PriceBook, book_id: str
             toUInt32(bitAnd(meta, 65535)) AS s_n,
             toUInt32(bitAnd(bitShiftRight(meta, 16), 65535)) AS h_n,
             bitShiftRight(meta, 32) AS la_n,
-            splitByChar('\\x1f', substring(dims, 2)) AS d,
             arraySort(s_ids) AS s_sorted, arraySort(h_ids) AS h_sorted,
             if(s_n > 0, bitAnd({lo64("s_amount_w")}, 9223372036854775807), 0) AS s_amt,
             if(h_n > 0, bitAnd({lo64("h_amount_w")}, 9223372036854775807), 0) AS h_amt,
@@ -522,28 +613,6 @@ def _results_sql(params: ReconParams, run_id: str, book: PriceBook, book_id: str
         FROM ({grouped})
     )
     """
-
-
-def _fingerprint(wh: Warehouse, params: ReconParams) -> tuple[int, int]:
-    """(count, sum of cityHash64(reporting_carrier, event_id, payload_hash)) of the
-    records the run reads: any added, removed or changed record changes it."""
-    result = rows(
-        wh.query_arrow(
-            "SELECT count() AS n, sum(cityHash64(reporting_carrier, event_id, payload_hash))"
-            f" AS h FROM usage_events WHERE {_records_filter(params)}"
-        )
-    )[0]
-    return int(result["n"]), int(result["h"] or 0)
-
-
-def _models(wh: Warehouse, params: ReconParams) -> list[str]:
-    table = wh.query_arrow(
-        "SELECT DISTINCT toString(model_id) AS m FROM usage_events"
-        f" WHERE {_base_filter(params.carriers)}"
-        f" AND event_time >= {_ts(params.period.start_ms)}"
-        f" AND event_time < {_ts(params.period.end_ms + params.boundary_window_s * 1000)}"
-    )
-    return sorted(table.column("m").to_pylist()) if table.num_rows else []
 
 
 # ---- runs ----------------------------------------------------------------------------------
@@ -587,10 +656,6 @@ def current_run(
     )
     found = rows(table)[0]
     return str(found["r"]) if found["n"] else None
-
-
-def _array(values: Sequence[str]) -> str:
-    return "[" + ", ".join(quote_literal(v) for v in values) + "]"
 
 
 def run_info(wh: Warehouse, run_id: str) -> dict[str, Any]:
@@ -637,8 +702,9 @@ def reconcile(wh: Warehouse, params: ReconParams, book: PriceBook) -> ReconRun:
     """Reconcile one period (see the module docstring). Idempotent: the same inputs give
     the same run id, whose rows are written only once."""
     started = time.monotonic()
-    book_id = ensure_prices(wh, book, _models(wh, params))
-    count, digest = _fingerprint(wh, params)
+    inputs = _scan_inputs(wh, params)
+    book_id = ensure_prices(wh, book, inputs.models)
+    count, digest = inputs.records, inputs.fingerprint
     hashed = {
         "schema": SCHEMA_VERSION,
         "period": params.period.label,
@@ -676,7 +742,7 @@ def reconcile(wh: Warehouse, params: ReconParams, book: PriceBook) -> ReconRun:
     for table in ("recon_results", "recon_summary"):  # leftovers of an interrupted run
         if scalar(wh.query_arrow(f"SELECT count() FROM {table} WHERE run_id = {rid}")):
             wh.execute(f"DELETE FROM {table} WHERE run_id = {rid}")
-    wh.execute(_results_sql(params, run_id, book, book_id))
+    wh.execute(_results_sql(params, run_id, book, inputs))
     wh.execute(
         "INSERT INTO recon_summary SELECT run_id, period, serving_carrier, home_carrier,"
         " category, count(), sum(serving_records), sum(home_records), sum(token_diff),"

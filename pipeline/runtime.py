@@ -92,7 +92,9 @@ class Pipeline:
             future_skew_ms=settings.future_skew_s * 1000,
             max_tokens=settings.max_tokens,
         )
-        self.dedup = DedupIndex()
+        self._batch: list[RawMessage] = []
+        self._batch_by_pos: dict[tuple[int, int], RawMessage] | None = None
+        self.dedup = DedupIndex(verify=self._same_event)
         self.ingest = IngestStage(self.codec, self.rules, self.key, self.dedup)
         self.book = load_cards(settings.price_cards)
         self.rater = RateStage(self.book, load_plans(settings.tenant_plans))
@@ -143,12 +145,12 @@ class Pipeline:
             f"AND partition IN ({', '.join(str(p) for p in new)}) "
             f"AND event_time >= fromUnixTimestamp64Milli({horizon})"
         )
-        add = self.dedup.add
         if result.num_rows:
-            for carrier, event_id, phash, part, offset, ms in zip(
-                *(result.column(i).to_pylist() for i in range(6)), strict=True
-            ):
-                add(f"{carrier}\x1f{event_id}", phash, part, offset, ms)
+            cols = [result.column(i).to_pylist() for i in range(6)]
+            self.dedup.add_many(
+                [f"{c}\x1f{e}" for c, e in zip(cols[0], cols[1], strict=True)],
+                cols[2], cols[3], cols[4], cols[5],
+            )  # fmt: skip
         usage = self.wh.query_arrow(
             "SELECT tenant_id, plan_period, sum(tier_usage_tu) AS tu FROM usage_events "
             f"WHERE topic = {quote_literal(topic)} "
@@ -168,6 +170,30 @@ class Pipeline:
             time.monotonic() - started,
         )
 
+    def _same_event(self, key: str, position: tuple[int, int]) -> bool:
+        """Does the usage event at (partition, offset) have dedup key ``key``? Asked by
+        the dedup index only when two keys share a 64-bit fingerprint but not a payload
+        hash (a conflicting duplicate, or a fingerprint collision): from the batch being
+        processed (not stored yet), else from usage_events."""
+        if self._batch_by_pos is None:
+            self._batch_by_pos = {(m.partition, m.offset): m for m in self._batch}
+        msg = self._batch_by_pos.get(position)
+        if msg is not None:
+            try:
+                return dedup_key(self.codec.decode(msg.value)) == key
+            except DecodeError:
+                return False
+        carrier, _, event_id = key.partition("\x1f")
+        partition, offset = position
+        found = self.wh.query_arrow(
+            "SELECT count() AS n FROM usage_events "
+            f"WHERE topic = {quote_literal(self.settings.topic_usage)} "
+            f"AND partition = {int(partition)} AND offset = {int(offset)} "
+            f"AND reporting_carrier = {quote_literal(carrier)} "
+            f"AND event_id = {quote_literal(event_id)}"
+        )
+        return bool(found.column("n")[0].as_py())
+
     def release_usage_partitions(self, partitions: list[int]) -> None:
         """Give partitions up. Every partition's state is then re-read from the warehouse
         before its next batch: the tier counters are per tenant, not per partition, so
@@ -185,6 +211,7 @@ class Pipeline:
         ``DeliveryError`` otherwise (the caller must then not commit)."""
         started = time.monotonic()
         self.load_usage_partitions(sorted({m.partition for m in messages}))
+        self._batch, self._batch_by_pos = messages, None
         result = self.ingest.process(messages)
         report = BatchReport(consumed=len(messages), accepted=len(result.accepted))
         report.duplicates = result.duplicates
@@ -194,7 +221,7 @@ class Pipeline:
         rated, unpriced = self.rater.rate(fresh)
         for acc, why in unpriced:
             # Not counted: forget it, so the same event can be replayed after a card fix.
-            self.dedup.forget(dedup_key(acc.record))
+            self.dedup.forget(dedup_key(acc.record), acc.partition, acc.offset)
             msg = RawMessage(acc.topic, acc.partition, acc.offset, acc.arrived_ms, None, b"")
             result.dead_letters.append(dead_letter_for(msg, why.to_rejection(), acc.record))
         report.accepted -= len(unpriced)

@@ -252,7 +252,8 @@ class QuotaService:
         self._mirrored_version = -1
         self._pending_webhooks: list[tuple[dict[str, Any], dict[str, int]]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._assigned: set[int] = set()
         self._follower: Any = None
         self.publisher: AlertPublisher | None = None
         self.dispatcher = WebhookDispatcher(self.webhooks, self._attempts.append)
@@ -548,7 +549,8 @@ class QuotaService:
             for ledger in self.ledgers.values():
                 if ledger.holds:
                     ledger.settle_landed(landed)
-        self._ready_parts |= part_set
+        # a partition revoked while its restore was queued stays unserved
+        self._ready_parts |= part_set & self._assigned
         self._synced_subs |= sub_set
         now = self.clock()
         for key in list(self.definitions):
@@ -571,18 +573,28 @@ class QuotaService:
                 ids.extend(ledger.pending_event_ids())
         return ids
 
-    async def on_partitions_assigned(self, partitions: Sequence[int]) -> None:
-        """The worker took these usage partitions: restore their usage (on the pipeline
-        thread, in order with its batches), then serve their tenants."""
+    async def on_partitions_assigned(self, partitions: Sequence[int], wait: bool = False) -> None:
+        """The worker took these usage partitions: restore their usage (a query on the
+        pipeline thread, in order with its batches), then serve their tenants. Returns at
+        once (a rebalance is not held up by a batch in progress) unless ``wait``."""
         self._loop = asyncio.get_running_loop()
         parts = sorted(set(partitions))
+        self._assigned |= set(parts)
         if not parts:
             return
+        if wait:
+            await self._restore_partitions(parts)
+        else:
+            self._spawn(self._restore_partitions(parts))
+
+    async def _restore_partitions(self, parts: list[int]) -> None:
+        assert self._loop is not None
         subs = [k for k in self._sub_keys if self.partition_of(k.tenant_id) in parts]
         await self._run(self._restore_sync, parts, subs, self._pending_ids(), self._loop)
 
     def on_partitions_revoked(self, partitions: Sequence[int]) -> None:
         """Stop serving these partitions' tenants (another worker may take them)."""
+        self._assigned -= set(partitions)
         self._ready_parts -= set(partitions)
 
     # ---- definitions ----------------------------------------------------------------------
@@ -717,11 +729,9 @@ class QuotaService:
             self._follower.start()
         self.started = True
         self._emit_ready = True
-        self._tasks = [
-            loop.create_task(self._emit_loop(), name="quota-emit"),
-            loop.create_task(self._write_loop(), name="quota-write"),
-            loop.create_task(self._sweep_loop(), name="quota-sweep"),
-        ]
+        self._spawn(self._emit_loop())
+        self._spawn(self._write_loop())
+        self._spawn(self._sweep_loop())
         self._sweep()
         log.info(
             "quota service ready: %d definitions, %d emitted alerts, %d open holds, %d webhooks",
@@ -816,9 +826,10 @@ class QuotaService:
         """Flush what is buffered and stop the background work (best effort: nothing
         here is needed for correctness after a crash)."""
         self._stopping = True
-        for task in self._tasks:
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         with contextlib.suppress(Exception):
@@ -832,7 +843,14 @@ class QuotaService:
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         assert self._loop is not None
-        self._tasks.append(self._loop.create_task(coro))
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("quota task failed", exc_info=task.exception())
 
     # ---- background work -----------------------------------------------------------------------
     async def _emit_loop(self) -> None:
@@ -953,18 +971,20 @@ class QuotaService:
     def _sweep(self, prune: bool = False) -> None:
         """Expire reservations, catch period roll-overs and compact the journal."""
         now = self.clock()
-        for ledger in self.ledgers.values():
-            if ledger.holds:
-                ledger.expire(now)
-            if prune:
-                ledger.prune(now)
-        if prune:
-            for key in [k for k, ledger in self.ledgers.items() if ledger.idle]:
-                del self.ledgers[key]
+        # holds exist only under definitions (and expire lazily on every call anyway);
+        # the whole map (one ledger per tenant seen) is walked once a minute only
         for key in self.definitions:
             found = self.ledgers.get(key)
             if found is not None:
+                if found.holds:
+                    found.expire(now)
                 self._check(found, now)
+        if prune:
+            for ledger in self.ledgers.values():
+                ledger.expire(now)
+                ledger.prune(now)
+            for key in [k for k, ledger in self.ledgers.items() if ledger.idle]:
+                del self.ledgers[key]
         if self.journal.lines > 200_000:
             live = [
                 JournalHold(ledger.key, h)

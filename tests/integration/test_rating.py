@@ -377,7 +377,7 @@ def run_rating_end_to_end(h: Harness, tmp_path: Path, events: int, live_events: 
 
 
 def test_rating_rollups_late_events_and_rerate(harness: Harness, tmp_path: Path) -> None:
-    run_rating_end_to_end(harness, tmp_path, events=20_000, live_events=4000)
+    run_rating_end_to_end(harness, tmp_path, events=10_000, live_events=3000)
 
 
 @pytest.mark.slow

@@ -3,8 +3,9 @@
     .venv/bin/python tests/perf/bench_dedup.py --keys 1000000 10000000 [--out F.json]
 
 Each (structure, size) runs in a fresh subprocess. Memory is the growth of the process's
-RSS while the structure is built (allocator slack included), and for the compact index
-also its arrays' ``nbytes``. Keys look like the worker's: ``"CMCC\\x1fcmcc-<tag>-<n>"``.
+RSS while the structure is built, measured after ``gc.collect()`` and glibc's
+``malloc_trim`` (so freed temporaries do not count), and for the compact index also its
+arrays' ``nbytes``. Keys look like the worker's: ``"CMCC\\x1fcmcc-<tag>-<n>"``.
 Timings: ``insert`` = ``check`` of a new key (merges included, amortised over the
 build), ``dup`` = ``check`` of a held key at another position (the duplicate path),
 ``miss`` = ``check`` of a new key once the index is full. Not collected by pytest.
@@ -13,6 +14,7 @@ build), ``dup`` = ``check`` of a held key at another position (the duplicate pat
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import subprocess
@@ -31,6 +33,14 @@ T0 = 1_795_852_800_000
 
 def key(i: int) -> str:
     return f"{CARRIERS[i % 3]}\x1f{CARRIERS[i % 3].lower()}-3f9a1c20b7-{i}"
+
+
+def trim() -> None:
+    """Return freed heap memory to the OS (glibc), so RSS shows live memory."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def rss() -> int:
@@ -59,6 +69,7 @@ def measure(kind: str, n: int) -> dict[str, Any]:
     from pipeline.metering.dedup import DedupIndex
 
     gc.collect()
+    trim()
     before = rss()
     index: Any
     plain: set[str] = set()
@@ -79,6 +90,7 @@ def measure(kind: str, n: int) -> dict[str, Any]:
             add(key(i))
     built = time.process_time() - started
     gc.collect()
+    trim()  # count what the structure holds, not what the allocator kept
     grown = rss() - before
     out: dict[str, Any] = {
         "structure": kind,

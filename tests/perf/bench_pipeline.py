@@ -412,7 +412,7 @@ def measure_consumer(
         "overall_events_per_s": round(total / done[-1][0]),
         "seconds_to_first_commit": round(first_commit, 1) if first_commit else None,
         "seconds_total": round(done[-1][0], 1),
-        "steady_window_s": [round(t_lo, 1), round(t_hi, 1)] if rate else None,
+        "steady_window_s": [round(t_lo, 1), round(t_hi, 1)] if t_lo and t_hi else None,
         "cpu_seconds_steady": round(steady_cpu, 1) if steady_cpu else None,
         "events_per_cpu_s": round(0.8 * total / steady_cpu) if steady_cpu else None,
         "peak_rss_mib": round(peak_rss / 2**20, 1),
@@ -706,9 +706,10 @@ STAGES: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
     ("dead letters to Kafka", (("send_dead_letters", "pipeline/runtime.py"),)),
     ("dead-letter mirror", (("process_dead_letters", "pipeline/runtime.py"),)),
 )
+# py-spy names each stack's thread: "thread (tid): name"
 THREADS = (
-    ("pipeline thread", ("process_usage", "process_dead_letters", "_bootstrap_inner")),
-    ("event loop (faust, aiokafka, web)", ("run_forever", "_run_once")),
+    ("pipeline thread", "pipeline_"),
+    ("event loop (faust, aiokafka, web)", "MainThread"),
 )
 
 
@@ -731,20 +732,24 @@ def summarise_profile(path: Path, top: int = 20) -> dict[str, Any]:
         if not stack or not n.isdigit():
             continue
         count = int(n)
-        frames = [_frame(f) for f in stack.split(";")[1:]]  # [0] is the thread id
+        thread, *rest = stack.split(";")
+        frames = [_frame(f) for f in rest]
         total += count
-        names = {fn for fn, _ in frames}
-        kind = next((k for k, marks in THREADS if names & set(marks)), "other")
-        if kind == "pipeline thread" and not names & {"process_usage", "process_dead_letters"}:
-            kind = "other threads"
-        kinds[kind] += count
+        thread_name = thread.partition(": ")[2]
+        kinds[next((k for k, prefix in THREADS if thread_name.startswith(prefix)), "other")] += (
+            count
+        )
         labels = [f"{fn} ({'/'.join(file.split('/')[-2:])})" for fn, file in frames]
         if labels:
             self_t[labels[-1]] += count
         for label in set(labels):
             incl[label] += count
         for stage, needles in STAGES:
-            if any(fn == want and frag in file for fn, file in frames for want, frag in needles):
+            if any(
+                (fn == want or fn.endswith("." + want)) and frag in file
+                for fn, file in frames
+                for want, frag in needles
+            ):
                 stages[stage] += count
     pct = 100.0 / total if total else 0.0
     return {
@@ -760,7 +765,7 @@ def summarise_profile(path: Path, top: int = 20) -> dict[str, Any]:
 
 
 def ratio(a: Any, b: Any) -> float | None:
-    return round(a / b, 2) if a and b else None
+    return round(a / b, 3) if a and b else None
 
 
 def print_table(result: dict[str, Any]) -> None:
@@ -825,7 +830,7 @@ def print_table(result: dict[str, Any]) -> None:
             f"{lat.get('markers')} markers at {fmt(lat.get('produced_events_per_s'))} "
             f"events/s (50 %), poll {lat.get('poll_interval_ms')} ms",
         )
-    Console().print(table)
+    Console(width=130).print(table)
     load = result.get("load_average", {})
     print(
         f"load average at start {load.get('start')}, at end {load.get('end')} "
@@ -868,7 +873,11 @@ def main() -> int:
         help="py-spy the worker for this long during the steady part",
     )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--summarise", type=Path, help="only summarise a py-spy raw file")
     args = parser.parse_args()
+    if args.summarise:
+        print(json.dumps(summarise_profile(args.summarise, top=30), indent=1))
+        return 0
 
     settings = load_settings()
     bootstrap = settings.kafka_bootstrap

@@ -52,7 +52,7 @@ def run(bootstrap: str, topic: str, events: int, partitions: int = 4) -> dict[st
                 if msg.error() is not None:
                     continue
                 try:
-                    decode(msg.value())
+                    decode(msg.value() or b"")
                 except DecodeError:
                     undecodable += 1
                 count += 1

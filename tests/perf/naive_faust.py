@@ -16,12 +16,13 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 
-def build_app() -> object:
+def build_app() -> Any:
     import faust
 
     from pipeline.serde import AvroCodec, DecodeError

@@ -1,7 +1,7 @@
 """Worker crashes: SIGKILL the worker at random points while it meters a run, restart it
 each time; afterwards every table equals the ground truth exactly.
 
-CI runs 30,000 events with 10 kills; the full-size variant (1,000,000 events) is marked
+CI runs 20,000 events with 10 kills; the full-size variant (1,000,000 events) is marked
 slow: `pytest -m slow tests/integration/faults`.
 """
 
@@ -68,7 +68,7 @@ def _run_with_kills(harness: Harness, tmp_path: Path, events: int, kills: int) -
 
 
 def test_ten_sigkills_leave_exact_totals(harness: Harness, tmp_path: Path) -> None:
-    _run_with_kills(harness, tmp_path, events=30_000, kills=10)
+    _run_with_kills(harness, tmp_path, events=20_000, kills=10)
 
 
 @pytest.mark.slow
