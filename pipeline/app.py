@@ -110,6 +110,14 @@ class Worker:
         # One thread owns the pipeline (chdb session, dedup index, producers).
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
         self.stats = _Throughput()
+        from pipeline.quota import QuotaService
+
+        self.quota = QuotaService(
+            settings,
+            self.on_pipeline,
+            lambda: self.pipeline.wh,
+            pseudonym_key=settings.pseudonym_secret(),
+        )
         self.app = self._build_app()
 
     @property
@@ -195,7 +203,27 @@ class Worker:
             revoked: set[Any] = args[0] if args else kwargs.get("revoked", set())
             parts = [tp.partition for tp in revoked if tp.topic == s.topic_usage]
             if parts and self._pipeline is not None:
+                self.quota.on_partitions_revoked(parts)
                 await self.on_pipeline(self.pipeline.release_usage_partitions, parts)
+
+        @app.on_partitions_assigned.connect
+        async def on_assigned(
+            sender: Any, /, *args: Any, signal: BaseSignalT[Any], **kwargs: Any
+        ) -> None:
+            assigned: set[Any] = args[0] if args else kwargs.get("assigned", set())
+            parts = [tp.partition for tp in assigned if tp.topic == s.topic_usage]
+            if parts and self._pipeline is not None:
+                await self.quota.on_partitions_assigned(parts)
+
+        @app.task
+        async def start_quota() -> None:
+            await self.quota.start()
+
+        @app.on_before_shutdown.connect
+        async def stop_quota(
+            sender: Any, /, *args: Any, signal: BaseSignalT[Any], **kwargs: Any
+        ) -> None:
+            await self.quota.stop()
 
         @app.timer(10.0)
         async def log_throughput() -> None:
@@ -206,11 +234,15 @@ class Worker:
         from pipeline.web import register_pages
 
         register_pages(app, self)
+        from pipeline.quota import register_quota_pages
+
+        register_quota_pages(app, self.quota)
         return app
 
     def start_pipeline(self) -> None:
         """Open the warehouse and the producers (blocking; before the app starts)."""
         self._pipeline = self.executor.submit(self._factory).result()
+        self._pipeline.quota = self.quota
         self.metrics.start()
 
     def stop_pipeline(self) -> None:

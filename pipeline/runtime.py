@@ -40,6 +40,7 @@ from pipeline.warehouse.price_cards import sync_price_cards
 
 if TYPE_CHECKING:
     from pipeline.metrics import WorkerMetrics
+    from pipeline.quota import QuotaService
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,7 @@ class Pipeline:
         )
         self.dl_producer = Producer(producer_config(settings, **{"linger.ms": 5}))
         self.totals = BatchReport()
+        self.quota: QuotaService | None = None
         # The cards in force are recorded for analysts (a version whose lines changed
         # replaces its rows).
         sync_price_cards(self.wh, self.book)
@@ -241,6 +243,8 @@ class Pipeline:
                     data = rollup_table(todo, table, self.grace_ms, now)
                 self._write(table, data)
             report.inserted = self._write(USAGE_TABLE, events)
+            if self.quota is not None:
+                self.quota.on_rated_batch(rated)
         if result.dead_letters:
             self.send_dead_letters(result.dead_letters)
             report.dead_letters.update(d.reason for d in result.dead_letters)

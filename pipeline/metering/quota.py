@@ -169,7 +169,7 @@ class QuotaDefinition(BaseModel):
 
     def period_at(self, ms: int) -> str:
         """This quota's period key at ``ms`` (Beijing time)."""
-        return period_key(ms, self.period)
+        return cached_period_key(ms, self.period)
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -524,7 +524,7 @@ class QuotaLedger:
     ) -> None:
         """Count one stored, rated event (billable TU and CNY) in its day and month, and
         settle the pending hold committed for it."""
-        for key in (period_key(event_ms, "day"), period_key(event_ms, "month")):
+        for key in (cached_period_key(event_ms, "day"), cached_period_key(event_ms, "month")):
             bucket = self.usage.get(key)
             if bucket is None:
                 self.usage[key] = Usage(tu, cny)
@@ -673,6 +673,21 @@ class QuotaLedger:
             crossed,
             sum(1 for h in self.holds.values() if not h.pending),
         )
+
+
+_PERIOD_CACHE: dict[tuple[int, str], str] = {}
+
+
+def cached_period_key(ms: int, period: str) -> str:
+    """``period_key`` memoised per minute (Beijing days start on a UTC minute, so every
+    millisecond of a minute has the same key): the ledger asks on every call."""
+    slot = (ms // 60_000, period)
+    found = _PERIOD_CACHE.get(slot)
+    if found is None:
+        if len(_PERIOD_CACHE) > 10_000:
+            _PERIOD_CACHE.clear()
+        found = _PERIOD_CACHE[slot] = period_key(ms, period)
+    return found
 
 
 def _previous_month(month: str) -> str:

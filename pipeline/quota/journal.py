@@ -103,25 +103,18 @@ class Journal:
 
     @staticmethod
     def _line_reserve(key: QuotaKey, res_id: str, amount: Decimal, expires_ms: int) -> str:
+        # ids are ASCII (base64url, hex); tenant and subscriber ids go through JSON
         return (
-            json.dumps(
-                {
-                    "o": "r",
-                    "id": res_id,
-                    "t": key.tenant_id,
-                    "s": key.subscriber_id,
-                    "a": fmt(amount),
-                    "x": expires_ms,
-                },
-                separators=(",", ":"),
-            )
-            + "\n"
+            f'{{"o":"r","id":"{res_id}","t":{json.dumps(key.tenant_id)},'
+            f'"s":{json.dumps(key.subscriber_id)},"a":"{fmt(amount)}","x":{expires_ms}}}\n'
         )
 
     @staticmethod
     def _line_commit(res_id: str, amount: Decimal, event_id: str | None, expires_ms: int) -> str:
-        op = {"o": "c", "id": res_id, "a": fmt(amount), "e": event_id, "x": expires_ms}
-        return json.dumps(op, separators=(",", ":")) + "\n"
+        return (
+            f'{{"o":"c","id":"{res_id}","a":"{fmt(amount)}",'
+            f'"e":{json.dumps(event_id)},"x":{expires_ms}}}\n'
+        )
 
     def _write(self, line: str) -> None:
         if self._fd is None:
@@ -138,7 +131,7 @@ class Journal:
         self._write(self._line_commit(res_id, amount, event_id, expires_ms))
 
     def released(self, res_id: str) -> None:
-        self._write('{"o":"d","id":' + json.dumps(res_id) + "}\n")
+        self._write(f'{{"o":"d","id":"{res_id}"}}\n')
 
     def close(self) -> None:
         if self._fd is not None:

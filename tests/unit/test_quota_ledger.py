@@ -220,7 +220,7 @@ _op = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(ops=st.lists(_op, max_size=120), limit=st.integers(1, 2_000))
 def test_hard_quota_never_grants_past_the_limit(
     ops: list[tuple[str, int, float]], limit: int
