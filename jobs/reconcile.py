@@ -48,8 +48,10 @@ tokens and amount and all of the side's event ids.
 Runs
 ----
 A run is identified by a hash (``run_id``) of its inputs: period, carriers, tolerances,
-boundary window, the price cards, and a fingerprint of the input records (their count
-and the sum of ``cityHash64(reporting_carrier, event_id, payload_hash)``). Its rows are
+boundary window, the price cards, and a fingerprint of the records that can take part
+(the cross-carrier records from the boundary window before the period's start to the
+boundary window after its end: their count and the sum of
+``cityHash64(reporting_carrier, event_id, payload_hash)``). Its rows are
 written once: a re-run on the same inputs finds the run and writes nothing (if the run
 is not the current one for its period any more, it becomes current again). Results go
 to ``recon_results`` (one row per transaction) and ``recon_summary`` (per category per
@@ -392,23 +394,38 @@ class _Inputs:
 
 
 def _scan_inputs(wh: Warehouse, params: ReconParams) -> _Inputs:
-    """The fingerprint is the count and the sum of cityHash64(reporting_carrier,
-    event_id, payload_hash) of the records the run reads: any added, removed or changed
-    record changes it."""
+    """The fingerprint: the count and the sum of cityHash64(reporting_carrier, event_id,
+    payload_hash) of the cross-carrier records in [start - w, end + w) (w: the boundary
+    window), every record that can take part in the run: an added, removed or changed
+    one changes it. The labels are those of the whole table (a superset is harmless;
+    LowCardinality columns make this cheap)."""
+    window = params.boundary_window_s * 1000
     found = rows(
         wh.query_arrow(
             "SELECT count() AS n, sum(cityHash64(reporting_carrier, event_id, payload_hash))"
-            " AS h, groupUniqArray(toString(model_id)) AS m,"
-            " groupUniqArray(toString(provider)) AS p, groupUniqArray(toString(channel)) AS c"
-            f" FROM usage_events WHERE {_records_filter(params)}"
+            " AS h FROM usage_events"
+            f" PREWHERE event_time >= {_ts(params.period.start_ms - window)}"
+            f" AND event_time < {_ts(params.period.end_ms + window)}"
+            f" WHERE {_base_filter(params.carriers)}"
+        )
+    )[0]
+    labels = rows(
+        wh.query_arrow(
+            "SELECT"
+            " (SELECT groupArray(toString(x)) FROM (SELECT DISTINCT model_id AS x"
+            " FROM usage_events)) AS m,"
+            " (SELECT groupArray(toString(x)) FROM (SELECT DISTINCT provider AS x"
+            " FROM usage_events)) AS p,"
+            " (SELECT groupArray(toString(x)) FROM (SELECT DISTINCT channel AS x"
+            " FROM usage_events)) AS c"
         )
     )[0]
     return _Inputs(
         int(found["n"]),
         int(found["h"] or 0),
-        tuple(sorted(found["m"] or [])),
-        tuple(sorted(found["p"] or [])),
-        tuple(sorted(found["c"] or [])),
+        tuple(sorted(labels["m"] or [])),
+        tuple(sorted(labels["p"] or [])),
+        tuple(sorted(labels["c"] or [])),
     )
 
 
@@ -443,17 +460,26 @@ def _price_arrays(book: PriceBook, models: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def _codes(column: str, values: Sequence[str]) -> str:
+    """SQL: a label as its 1-based position in ``values`` (0 if absent). ``transform``
+    works on a LowCardinality column's dictionary, unlike ``indexOf`` (20x slower)."""
+    if not values:
+        return "toUInt64(0)"
+    return f"toUInt64(transform({column}, {_array(values)}, {_ints(range(1, len(values) + 1))}, 0))"
+
+
 def _results_sql(params: ReconParams, run_id: str, book: PriceBook, inputs: _Inputs) -> str:
     """INSERT ... SELECT of one run's ``recon_results``.
 
-    Per record: the price from array literals indexed by (card version, serving carrier,
-    model) (no join); the labels as small integer codes. Grouped by transaction_id with
-    few, mostly numeric aggregate states (a GROUP BY over ten million keys costs per
-    state and row): per side, the canonical record is the minimum of 128-bit words whose
-    high 64 bits are (milliseconds since the period start, 32 bits) | (32-bit hash of
-    the event id), so three minimums pick the same record and carry its amount and its
-    input/output and cached/reasoning tokens in their low 64 bits; the labels come from
-    the minimum of a 64-bit code in which the serving side sorts first.
+    Per record: labels as small integer codes, the price from array literals indexed by
+    (card version, serving carrier, model) (no join), and 64-bit words: ``rk`` =
+    (milliseconds since the period start) << 32 | (32-bit hash of the event id), which
+    orders a side's records (the canonical record is the one with the smallest ``rk``),
+    the amount, the input/output and the cached/reasoning tokens. Grouped by
+    transaction_id with few, numeric aggregate states (a GROUP BY over ten million keys
+    costs per state and row; 128-bit words and ``indexOf`` over strings proved several
+    times slower); the labels come from the minimum of a 64-bit code in which the
+    serving side sorts first.
     """
     origin = params.period.start_ms  # no record of a run is earlier than its period start
     end = params.period.end_ms
@@ -468,6 +494,7 @@ def _results_sql(params: ReconParams, run_id: str, book: PriceBook, inputs: _Inp
         )
         + "0)"
     )
+    n_status = len(STATUSES)
     records = f"""
         SELECT
             assumeNotNull(e.transaction_id) AS tx,
@@ -480,12 +507,12 @@ def _results_sql(params: ReconParams, run_id: str, book: PriceBook, inputs: _Inp
                 bitAnd(cityHash64(e.event_id), {_MASK32})
             ) AS rk,
             toUInt64({version}) AS ver,
-            toUInt64(indexOf({_array(CARRIERS)}, toString(e.serving_carrier))) AS sv,
-            toUInt64(indexOf({_array(CARRIERS)}, toString(e.home_carrier))) AS hv,
-            toUInt64(indexOf({_array(models)}, toString(e.model_id))) AS mi,
-            toUInt64(indexOf({_array(STATUSES)}, toString(e.status))) AS st,
+            {_codes("e.serving_carrier", CARRIERS)} AS sv,
+            {_codes("e.home_carrier", CARRIERS)} AS hv,
+            {_codes("e.model_id", models)} AS mi,
+            {_codes("e.status", STATUSES)} AS st,
             if(ver > 0 AND sv > 0 AND mi > 0,
-               ((ver - 1) * 3 + sv - 1) * {n_models} + mi, 0) AS pk,
+               toUInt64(((ver - 1) * 3 + sv - 1) * {n_models} + mi), toUInt64(0)) AS pk,
             pk > 0 AND arrayElement({prices["priced"]}, pk) = 1 AND st > 0
               AND e.cached_tokens <= e.input_tokens AS ok_price,
             if(ok_price,
@@ -495,28 +522,21 @@ def _results_sql(params: ReconParams, run_id: str, book: PriceBook, inputs: _Inp
                  + e.reasoning_tokens * arrayElement({prices["p_reason"]}, pk),
                toUInt64(0)) AS pico,
             if(ok_price
-                 AND arrayElement({prices["billable"]}, (ver - 1) * {len(STATUSES)} + st) = 1,
+                 AND arrayElement({prices["billable"]}, toUInt64((ver - 1) * {n_status} + st)) = 1,
                intDiv(pico, 1000000)
                  + toUInt64((pico % 1000000) > 500000
                    OR ((pico % 1000000) = 500000 AND intDiv(pico, 1000000) % 2 = 1)),
                toUInt64(0)) AS amount_micro,
-            bitOr(bitShiftLeft(toUInt128(rk), 64),
-                  bitOr(bitShiftLeft(toUInt128(ok_price), 63),
-                        toUInt128(amount_micro))) AS w_amount,
-            bitOr(bitShiftLeft(toUInt128(rk), 64),
-                  bitOr(bitShiftLeft(toUInt128(e.input_tokens), 32),
-                        toUInt128(e.output_tokens))) AS w_io,
-            bitOr(bitShiftLeft(toUInt128(rk), 64),
-                  bitOr(bitShiftLeft(toUInt128(e.cached_tokens), 32),
-                        toUInt128(e.reasoning_tokens))) AS w_cr,
-            bitOr(bitShiftLeft(toUInt64(NOT s), 62),
+            bitOr(bitShiftLeft(toUInt64(ok_price), 63), amount_micro) AS aw,
+            bitOr(bitShiftLeft(e.input_tokens, 32), e.output_tokens) AS io,
+            bitOr(bitShiftLeft(e.cached_tokens, 32), e.reasoning_tokens) AS cr,
+            bitOr(bitShiftLeft(toUInt64(NOT s), 63),
               bitOr(bitShiftLeft(sv, 52),
                 bitOr(bitShiftLeft(hv, 48),
                   bitOr(bitShiftLeft(mi, 32),
-                    bitOr(bitShiftLeft(toUInt64(indexOf({_array(providers)},
-                                                        toString(e.provider))), 16),
-                          toUInt64(indexOf({_array(channels)}, toString(e.channel)))))))) AS code,
-            bitOr(bitShiftLeft(toUInt128(NOT s), 64), toUInt128(rk)) AS dk
+                    bitOr(bitShiftLeft({_codes("e.provider", providers)}, 16),
+                          {_codes("e.channel", channels)}))))) AS code,
+            bitOr(bitShiftLeft(toUInt64(NOT s), 63), bitShiftRight(rk, 1)) AS dk
         FROM usage_events AS e
         WHERE {_records_filter(params)}
     """
@@ -525,32 +545,28 @@ def _results_sql(params: ReconParams, run_id: str, book: PriceBook, inputs: _Inp
             tx,
             sum(bitOr(toUInt64(s), bitOr(bitShiftLeft(toUInt64(NOT s), 16),
                                          bitShiftLeft(toUInt64(la), 32)))) AS meta,
-            minIf(w_amount, s) AS s_amount_w, minIf(w_amount, NOT s) AS h_amount_w,
-            minIf(w_io, s) AS s_io, minIf(w_io, NOT s) AS h_io,
-            minIf(w_cr, s) AS s_cr, minIf(w_cr, NOT s) AS h_cr,
+            minIf(rk, s) AS s_rk, minIf(rk, NOT s) AS h_rk,
+            argMinIf(aw, rk, s) AS s_aw, argMinIf(aw, rk, NOT s) AS h_aw,
+            argMinIf(io, rk, s) AS s_io, argMinIf(io, rk, NOT s) AS h_io,
+            argMinIf(cr, rk, s) AS s_cr, argMinIf(cr, rk, NOT s) AS h_cr,
             groupArrayIf(event_id, s) AS s_ids, groupArrayIf(event_id, NOT s) AS h_ids,
             min(code) AS code, argMin(tenant_id, dk) AS tenant
         FROM ({records})
         GROUP BY tx
     """
 
-    def lo64(x: str) -> str:
-        return f"toUInt64(bitAnd({x}, toUInt128('18446744073709551615')))"
+    def time_of(rk: str) -> str:
+        return f"fromUnixTimestamp64Milli(toInt64(bitShiftRight({rk}, 32)) + {origin}, 'UTC')"
 
-    def hi(x: str) -> str:
-        return f"toUInt64(bitShiftRight({x}, 64))"
-
-    def time_of(x: str) -> str:
-        return f"fromUnixTimestamp64Milli(toInt64(bitShiftRight({hi(x)}, 32)) + {origin}, 'UTC')"
-
-    def canonical(ids: str, word: str) -> str:
+    def canonical(ids: str, rk: str) -> str:
         return (
             f"if(length({ids}) = 1, {ids}[1], arrayFirst(i -> bitAnd(cityHash64(i), {_MASK32})"
-            f" = bitAnd({hi(word)}, {_MASK32}), {ids}))"
+            f" = bitAnd({rk}, {_MASK32}), {ids}))"
         )
 
     def label(values: Sequence[str], shift: int, mask: int) -> str:
-        return f"arrayElement({_array(values)}, bitAnd(bitShiftRight(code, {shift}), {mask}))"
+        listed = _array(values or ("",))  # an empty literal array has no type
+        return f"arrayElement({listed}, bitAnd(bitShiftRight(code, {shift}), {mask}))"
 
     tokens = {
         "input": ("io", 32),
@@ -561,7 +577,7 @@ def _results_sql(params: ReconParams, run_id: str, book: PriceBook, inputs: _Inp
     token_cols = []
     for side in ("s", "h"):
         for name, (word, shift) in tokens.items():
-            value = f"bitAnd(bitShiftRight({lo64(f'{side}_{word}')}, {shift}), {_MASK32})"
+            value = f"bitAnd(bitShiftRight({side}_{word}, {shift}), {_MASK32})"
             token_cols.append(f"if({side}_n > 0, {value}, 0) AS {side}_{name}")
     diff = " + ".join(f"abs(toInt64(s_{n}) - toInt64(h_{n}))" for n in tokens)
     micro = "toDecimal64('0.000001', 6)"
@@ -587,28 +603,29 @@ def _results_sql(params: ReconParams, run_id: str, book: PriceBook, inputs: _Inp
         {label(providers, 16, _MASK16)} AS provider,
         {label(channels, 0, _MASK16)} AS channel,
         s_n AS serving_records, h_n AS home_records,
-        if(s_n > 0, {canonical("s_sorted", "s_io")}, '') AS serving_event_id,
-        if(h_n > 0, {canonical("h_sorted", "h_io")}, '') AS home_event_id,
+        if(s_n > 0, {canonical("s_sorted", "s_rk")}, '') AS serving_event_id,
+        if(h_n > 0, {canonical("h_sorted", "h_rk")}, '') AS home_event_id,
         s_sorted AS serving_event_ids, h_sorted AS home_event_ids,
-        if(s_n > 0, {time_of("s_io")}, NULL) AS serving_event_time,
-        if(h_n > 0, {time_of("h_io")}, NULL) AS home_event_time,
+        if(s_n > 0, {time_of("s_rk")}, NULL) AS serving_event_time,
+        if(h_n > 0, {time_of("h_rk")}, NULL) AS home_event_time,
         s_input, s_output, s_cached, s_reasoning,
         h_input, h_output, h_cached, h_reasoning,
         if(s_n > 0 AND h_n > 0, toUInt64({diff}), 0) AS token_diff,
         toDecimal64(s_amt, 0) * {micro} AS serving_amount,
         toDecimal64(h_amt, 0) * {micro} AS home_amount,
         serving_amount - home_amount AS amount_diff,
-        toUInt8(s_n > 0 AND bitTest({lo64("s_amount_w")}, 63)) AS serving_priced,
-        toUInt8(h_n > 0 AND bitTest({lo64("h_amount_w")}, 63)) AS home_priced
+        toUInt8(s_n > 0 AND bitTest(s_aw, 63)) AS serving_priced,
+        toUInt8(h_n > 0 AND bitTest(h_aw, 63)) AS home_priced
     FROM (
         SELECT
             *,
             toUInt32(bitAnd(meta, 65535)) AS s_n,
             toUInt32(bitAnd(bitShiftRight(meta, 16), 65535)) AS h_n,
             bitShiftRight(meta, 32) AS la_n,
-            arraySort(s_ids) AS s_sorted, arraySort(h_ids) AS h_sorted,
-            if(s_n > 0, bitAnd({lo64("s_amount_w")}, 9223372036854775807), 0) AS s_amt,
-            if(h_n > 0, bitAnd({lo64("h_amount_w")}, 9223372036854775807), 0) AS h_amt,
+            if(length(s_ids) > 1, arraySort(s_ids), s_ids) AS s_sorted,
+            if(length(h_ids) > 1, arraySort(h_ids), h_ids) AS h_sorted,
+            if(s_n > 0, bitAnd(s_aw, 9223372036854775807), 0) AS s_amt,
+            if(h_n > 0, bitAnd(h_aw, 9223372036854775807), 0) AS h_amt,
             {", ".join(token_cols)}
         FROM ({grouped})
     )

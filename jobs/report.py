@@ -75,7 +75,7 @@ PARTY_LABELS = {
 }
 TOP_TENANTS = 10
 TOP_LINES = 25
-CARRIED_ROWS = 50
+CARRIED_ROWS = 20
 ZERO = Decimal(0)
 
 
@@ -100,6 +100,7 @@ class ReportData:
     tenants: list[dict[str, Any]] = field(default_factory=list)
     carried: list[dict[str, Any]] = field(default_factory=list)
     carried_total: dict[str, Any] = field(default_factory=dict)
+    carried_by: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def pairs(self) -> list[str]:
@@ -152,7 +153,7 @@ def load_report_data(
                 " GROUP BY party_type, party ORDER BY party_type, amount DESC, party"
             )
         )
-    data.carried, data.carried_total = _carried(wh, p, carriers)
+    data.carried, data.carried_total, data.carried_by = _carried(wh, p, carriers)
     return data
 
 
@@ -178,18 +179,18 @@ def _tenants(wh: Warehouse, run_id: str) -> list[dict[str, Any]]:
 
 def _carried(
     wh: Warehouse, period: Period, carriers: Sequence[str]
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Disputed transactions of earlier periods' current runs (still disputed)."""
-    listed = "[" + ", ".join(quote_literal(c) for c in carriers) + "]"
+) -> tuple[list[dict[str, Any]], dict[str, Any], list[dict[str, Any]]]:
+    """Disputed transactions of earlier periods' current runs (still disputed): the
+    largest ones, the total, and counts per period and category."""
     earlier = rows(
         wh.query_arrow(
             "SELECT period, argMax(run_id, activated_at) AS run_id FROM recon_activations"
-            f" WHERE carriers = {listed} AND period < {quote_literal(period.label)}"
+            f" WHERE carriers = {_array(carriers)} AND period < {quote_literal(period.label)}"
             " GROUP BY period ORDER BY period"
         )
     )
     if not earlier:
-        return [], {"transactions": 0, "amount": ZERO}
+        return [], {"transactions": 0, "amount": ZERO}, []
     inner = decided_results_sql(
         [r["run_id"] for r in earlier],
         "r.period AS period, r.run_id AS run_id, r.transaction_id AS transaction_id,"
@@ -201,6 +202,13 @@ def _carried(
     total = rows(
         wh.query_arrow(f"SELECT count() AS transactions, sum(amount) AS amount FROM ({disputed})")
     )[0]
+    by = rows(
+        wh.query_arrow(
+            "SELECT period, category, count() AS transactions, sum(amount) AS amount"
+            f" FROM ({disputed}) GROUP BY period, category"
+            f" ORDER BY period, indexOf({_array(CATEGORIES)}, category)"
+        )
+    )
     listing = rows(
         wh.query_arrow(
             f"SELECT * EXCEPT decision FROM ({disputed})"
@@ -208,7 +216,11 @@ def _carried(
         )
     )
     total["amount"] = total["amount"] or ZERO
-    return listing, total
+    return listing, total, by
+
+
+def _array(values: Sequence[str]) -> str:
+    return "[" + ", ".join(quote_literal(v) for v in values) + "]"
 
 
 # ---- formatting ------------------------------------------------------------------------------
@@ -221,6 +233,11 @@ def _e(text: Any) -> str:
 def _money(value: Decimal | int | None, places: int = 2) -> str:
     amount = Decimal(value or 0)
     return f"{amount:,.{places}f}"
+
+
+def _plain(value: Decimal) -> str:
+    """A decimal without trailing zeros and never in exponent form (70, not 7E+1)."""
+    return format(value.normalize(), "f")
 
 
 def _int(value: int | None) -> str:
@@ -414,7 +431,9 @@ code { font-family:"DejaVu Sans Mono",Consolas,monospace; font-size:12px; }
 svg text { font-family:inherit; fill:var(--ink); }
 svg .lbl { font-size:12px; } svg .val { font-size:12px; fill:#334e68; }
 svg .note { font-size:11px; fill:#829ab1; } svg .axis { stroke:#9fb3c8; stroke-width:1; }
-svg .node { font-size:14px; font-weight:600; } svg .flow { font-size:12px; font-weight:600; }
+svg .node { font-size:14px; font-weight:600; }
+svg .flow { font-size:12px; font-weight:600; paint-order:stroke; stroke:#fff; stroke-width:4px;
+            stroke-linejoin:round; }
 footer { color:var(--mute); font-size:12px; padding:0 32px 30px; max-width:1280px; }
 @media print { body { background:#fff; } section { break-inside:avoid; } }
 """
@@ -493,7 +512,7 @@ def _recon_section(data: ReportData) -> str:
         "<p class='note'>Transactions per category and carrier pair (serving carrier &gt;"
         " home carrier). Amounts are list amounts in CNY at the serving carrier's price card;"
         " the difference is serving minus home. Tolerances: tokens"
-        f" {_int(run['token_tolerance'])}, amount {_e(run['amount_tolerance'].normalize())}"
+        f" {_int(run['token_tolerance'])}, amount {_e(_plain(run['amount_tolerance']))}"
         f" (relative); period-boundary window {_int(run['boundary_window_s'])} s.</p>"
         f"<div class='grid'><div>{chart}</div></div>{table}</section>"
     )
@@ -711,12 +730,27 @@ def _carried_section(data: ReportData) -> str:
         + f"<td><code>{_e(r['run_id'])}</code></td></tr>"
         for r in data.carried
     ]
+    by_body = [
+        f"<tr><td>{_e(r['period'])}</td><td>{_swatch(r['category'])}</td>"
+        + _num_cell(
+            r["transactions"],
+            _int(r["transactions"]),
+            period=r["period"],
+            category=r["category"],
+            field="carried",
+        )
+        + _num_cell(r["amount"], _money(r["amount"], 6))
+        + "</tr>"
+        for r in data.carried_by
+    ]
     return (
         "<section id='carried-over'><h2>Disputes carried over from earlier periods</h2>"
         f"<p class='note'><span data-field='carried_transactions' data-value='{n}'>{_int(n)}"
         f"</span> disputed transactions, CNY <span data-field='carried_amount'"
         f" data-value='{_e(total['amount'])}'>{_money(total['amount'], 6)}</span>. Accept them"
         " in their own run and settle that period again (a supplementary settlement).</p>"
+        + _table(["Period", "Category", "Transactions", "CNY"], by_body, 2)
+        + f"<h3>The {min(CARRIED_ROWS, n)} largest</h3>"
         + _table(["Period", "Transaction", "Pair", "Category", "Tenant", "CNY", "Run"], body, 5)
         + "</section>"
     )
@@ -729,7 +763,7 @@ def _lines_section(data: ReportData, exports: Sequence[str]) -> str:
         f"<tr><td><code>{_e(r['line_id'])}</code></td>"
         + _num_cell(r["transactions"], _int(r["transactions"]))
         + _num_cell(r["list_amount"], _money(r["list_amount"], 6))
-        + _num_cell(r["rate_percent"], f"{r['rate_percent'].normalize()} %")
+        + _num_cell(r["rate_percent"], f"{_plain(r['rate_percent'])} %")
         + _num_cell(r["amount"], _money(r["amount"]), line=r["line_id"], field="line_amount")
         + "</tr>"
         for r in data.lines

@@ -444,12 +444,14 @@ def _mount_subcommands() -> None:
     from pipeline.cli_grafana import register as register_grafana
     from pipeline.cli_prices import prices_app
     from pipeline.cli_quota import register as register_quota
+    from pipeline.cli_recon import register as register_recon
     from pipeline.cli_rerate import register as register_rerate
 
     app.add_typer(prices_app, name="prices")
     register_rerate(app)
     register_grafana(app)
     register_quota(app)
+    register_recon(app)
 
 
 _mount_subcommands()

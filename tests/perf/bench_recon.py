@@ -122,6 +122,8 @@ def _step(name: str, data_dir: Path, pairs: int) -> dict[str, object]:
     out: dict[str, object] = {"step": name}
     try:
         started = time.monotonic()
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        cpu0 = usage.ru_utime + usage.ru_stime
         if name == "generate":
             wh.execute(_generate_sql(pairs, period.start_ms, period.end_ms))
             out["records"] = scalar(wh.query_arrow("SELECT count() FROM usage_events"))
@@ -144,6 +146,9 @@ def _step(name: str, data_dir: Path, pairs: int) -> dict[str, object]:
                 multilateral=[(t.payer, t.payee, str(t.amount)) for t in st.multilateral],
             )
         out["seconds"] = round(time.monotonic() - started, 2)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        out["cpu_seconds"] = round(usage.ru_utime + usage.ru_stime - cpu0, 1)
+        out["load"] = round(os.getloadavg()[0], 2)
     finally:
         wh.close()
     out["peak_rss_mb"] = round(_rss_mb(), 1)
@@ -196,8 +201,8 @@ def main() -> int:
         first = _run_step("reconcile", data_dir, args.pairs)
         print(
             f"reconcile: {first['records']:,} records, {first['transactions']:,} transactions"
-            f" in {first['seconds']} s, peak RSS {first['peak_rss_mb']} MB"
-            f" (load average {os.getloadavg()[0]:.2f})",
+            f" in {first['seconds']} s (CPU {first['cpu_seconds']} s), peak RSS"
+            f" {first['peak_rss_mb']} MB (load average at the end {first['load']})",
             flush=True,
         )
         again = _run_step("reconcile", data_dir, args.pairs)
@@ -209,7 +214,8 @@ def main() -> int:
         st = _run_step("settle", data_dir, args.pairs)
         print(
             f"settle: {st['items']:,} settled transactions, CNY {st['amount']} in"
-            f" {st['seconds']} s, peak RSS {st['peak_rss_mb']} MB; multilateral"
+            f" {st['seconds']} s (CPU {st['cpu_seconds']} s), peak RSS {st['peak_rss_mb']} MB;"
+            " multilateral"
             f" {st['multilateral']}",
             flush=True,
         )
