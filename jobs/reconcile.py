@@ -373,11 +373,13 @@ def _records_filter(params: ReconParams) -> str:
     where = f"{base} AND event_time >= {_ts(start)}"
     if window == 0:
         return f"{where} AND event_time < {_ts(end)}"
+    # the set lookups only for records near a boundary (OR evaluates lazily)
     return (
         f"{where} AND event_time < {_ts(end + window)}"
         f" AND (event_time < {_ts(end)} OR assumeNotNull(transaction_id) IN"
         f" ({_straddling_sql(base, end, window)}))"
-        f" AND assumeNotNull(transaction_id) NOT IN ({_straddling_sql(base, start, window)})"
+        f" AND (event_time >= {_ts(start + window)} OR assumeNotNull(transaction_id) NOT IN"
+        f" ({_straddling_sql(base, start, window)}))"
     )
 
 
@@ -523,9 +525,9 @@ def _results_sql(params: ReconParams, run_id: str, book: PriceBook, inputs: _Inp
                toUInt64(0)) AS pico,
             if(ok_price
                  AND arrayElement({prices["billable"]}, toUInt64((ver - 1) * {n_status} + st)) = 1,
-               intDiv(pico, 1000000)
-                 + toUInt64((pico % 1000000) > 500000
-                   OR ((pico % 1000000) = 500000 AND intDiv(pico, 1000000) % 2 = 1)),
+               -- half to even: round half up, then back down on a tie whose quotient
+               -- would be odd (pico % 2000000 = 500000: the tie after an even quotient)
+               toUInt64(intDiv(pico + 500000, 1000000) - (pico % 2000000 = 500000)),
                toUInt64(0)) AS amount_micro,
             bitOr(bitShiftLeft(toUInt64(ok_price), 63), amount_micro) AS aw,
             bitOr(bitShiftLeft(e.input_tokens, 32), e.output_tokens) AS io,

@@ -202,6 +202,8 @@ class ReconSimulation:
     ``boundary_ms``: the month boundary that ``period_boundary`` calls straddle.
     ``start_boundary``: ``(boundary_ms, n)``: n more calls straddling another boundary
     (counted in the period that ends there), beyond ``calls``.
+    ``id_salt``: mixed into event and transaction ids (``for_stream`` uses ``now_ms``, so
+    two runs never send the same ids, which the worker would drop as duplicates).
     ``book``: price cards used to make ``amount_mismatch`` calls differ by enough
     (default: ``config/price_cards``). Tolerances must be the ones reconcile will use.
     """
@@ -220,6 +222,7 @@ class ReconSimulation:
         amount_tolerance: Decimal = Decimal("0.001"),
         boundary_window_s: int = DEFAULT_WINDOW_S,
         start_boundary: tuple[int, int] | None = None,
+        id_salt: str = "",
     ) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
@@ -249,7 +252,8 @@ class ReconSimulation:
         if self.counts["period_boundary"] and (boundary_ms is None or self.window_ms < 4):
             raise ValueError("period_boundary calls need a boundary and a boundary window")
         self.start_boundary = start_boundary
-        self._run = hashlib.blake2b(f"recon:{seed}:{lo}".encode(), digest_size=4).hexdigest()
+        tag = f"recon:{seed}:{lo}:{id_salt}".encode()
+        self._run = hashlib.blake2b(tag, digest_size=5).hexdigest()
         self._n = 0
         self._tx = 0
         self.truth = ReconTruth(
@@ -339,6 +343,7 @@ class ReconSimulation:
             boundary,
             calls,
             fault_rate=fault_rate,
+            id_salt=str(now_ms),  # ids never repeat an earlier run's: the worker drops those
             boundary_window_s=boundary_window_s,
             **kwargs,
         )

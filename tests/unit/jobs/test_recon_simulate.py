@@ -148,3 +148,11 @@ def test_usage_events_batch_pseudonymises_and_prices() -> None:
     subscribers = table.column("subscriber_id").to_pylist()
     assert all(s.startswith("sub_") and len(s) == 36 for s in subscribers)
     assert all(h != 0 for h in table.column("payload_hash").to_pylist())
+
+
+def test_stream_runs_never_reuse_ids() -> None:
+    now = Period.parse("2026-11").start_ms + 5 * 86_400_000
+    first = ReconSimulation.for_stream(4, now, 50, fault_rate=0.2).records()
+    later = ReconSimulation.for_stream(4, now + 60_000, 50, fault_rate=0.2).records()
+    assert not {r["event_id"] for r in first} & {r["event_id"] for r in later}
+    assert not {r["transaction_id"] for r in first} & {r["transaction_id"] for r in later}

@@ -718,3 +718,69 @@ def test_a_period_without_calls(warehouse: Warehouse, month: Month, tmp_path: Pa
     assert all(p.net == 0 for p in st.positions.values())
     files = write_report(warehouse, empty, tmp_path)
     assert "Transactions reconciled" in files.html.read_text()
+
+
+_TIE_CARD = """
+version: "tie-1"
+effective_from: 2020-01-01T00:00:00+08:00
+models: {"*": {token_unit_factor: 1}}
+lines:
+  - {serving_carrier: "*", model_id: tie-model,
+     prices: {input: 0.5, cached_input: 0.25, output: 1.5, reasoning: 2.5}}
+"""
+
+
+def test_half_even_ties_match_the_price_book(
+    warehouse: Warehouse, month: Month, tmp_path: Path
+) -> None:
+    """Amounts that end in exactly half a micro-CNY round to the even neighbour, as
+    ``PriceBook.rate`` does (0.5 CNY per million tokens: one token is 0.5 micro-CNY)."""
+    (tmp_path / "tie.yaml").write_text(_TIE_CARD)
+    book = load_cards(tmp_path)
+    period = Period.parse("2027-05")
+    base = dict(month.records[0], attributes={}, model_id="tie-model", status="ok")
+    records = []
+    for n in range(1, 41):
+        for side in ("serving_carrier", "home_carrier"):
+            rec = dict(base, attributes={})
+            rec["transaction_id"] = f"tx-tie-{n}"
+            rec["reporting_carrier"] = rec[side]
+            rec["event_id"] = f"tie-{n}-{side}"
+            rec["event_time"] = period.start_ms + 86_400_000 + n * 1000
+            rec.update(
+                input_tokens=n, cached_tokens=n // 3, output_tokens=n % 7, reasoning_tokens=n % 5
+            )
+            records.append(rec)
+    warehouse.insert_arrow("usage_events", usage_events_batch(records, b"k" * 32, book=book))
+    try:
+        run = reconcile(warehouse, ReconParams(period), book)
+        assert run.counts()["matched"] == 40
+        got = {
+            r["transaction_id"]: r["serving_amount"]
+            for r in rows(
+                warehouse.query_arrow(
+                    "SELECT transaction_id, serving_amount FROM recon_results"
+                    f" WHERE run_id = '{run.run_id}'"
+                )
+            )
+        }
+        expected = {}
+        for rec in records[::2]:
+            rating = book.rate(rec)
+            assert isinstance(rating, Rating)
+            expected[rec["transaction_id"]] = rating.list_amount
+        assert got == expected
+        exact = [
+            (
+                D(r["input_tokens"] - r["cached_tokens"]) * D("0.5")
+                + D(r["cached_tokens"]) * D("0.25")
+                + D(r["output_tokens"]) * D("1.5")
+                + D(r["reasoning_tokens"]) * D("2.5")
+            )
+            for r in records[::2]
+        ]  # micro-CNY
+        ties = [x for x in exact if x % 1 == D("0.5")]
+        assert len(ties) >= 10  # the case under test occurs, rounding both up and down
+        assert {int(x + D("0.5")) % 2 for x in ties} == {0, 1}
+    finally:
+        warehouse.execute("DELETE FROM usage_events WHERE transaction_id LIKE 'tx-tie-%'")
