@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -296,34 +295,16 @@ def wait(
 ) -> None:
     """Block until the worker has processed (and committed) everything produced so far,
     and nothing new arrived for --idle seconds."""
-    from pipeline.lag import LagReader
+    from pipeline.lag import wait_caught_up
 
-    reader = LagReader(_settings(ctx))
-    deadline = time.monotonic() + timeout
-    idle_since: float | None = None
-    try:
-        with err_console.status("waiting for the worker") as status:
-            while True:
-                lags = reader.read()
-                behind = sum(p.lag for p in lags)
-                now = time.monotonic()
-                if behind == 0:
-                    idle_since = idle_since or now
-                    if now - idle_since >= idle:
-                        break
-                    status.update(f"caught up; idle {now - idle_since:.1f}/{idle:.0f} s")
-                else:
-                    idle_since = None
-                    status.update(f"{behind:,} message(s) left to process")
-                if now > deadline:
-                    _print_lag(lags)
-                    raise UserError(
-                        f"--timeout: still {behind:,} message(s) behind after {timeout:.0f} s "
-                        "(is `tokenmeter worker` running?)"
-                    )
-                time.sleep(0.5)
-    finally:
-        reader.close()
+    with err_console.status("waiting for the worker") as status:
+        lags = wait_caught_up(_settings(ctx), idle, timeout, status.update)
+    if lags is not None:
+        _print_lag(lags)
+        raise UserError(
+            f"--timeout: still {sum(p.lag for p in lags):,} message(s) behind after "
+            f"{timeout:.0f} s (is `tokenmeter worker` running?)"
+        )
     console.print("all produced events are processed")
 
 

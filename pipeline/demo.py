@@ -22,7 +22,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.lag import LagReader
+from pipeline.lag import LagReader, wait_caught_up
 from pipeline.query import query_worker
 from pipeline.settings import Settings
 from pipeline.simulate_run import run_simulation
@@ -87,24 +87,10 @@ def wait_processed(
     settings: Settings, console: Console, idle_s: float = 2.0, timeout_s: float = 900
 ) -> None:
     """Block until the worker's committed offsets reach the end of its topics."""
-    reader = LagReader(settings)
-    deadline = time.monotonic() + timeout_s
-    idle_since: float | None = None
-    try:
-        with console.status("metering") as status:
-            while time.monotonic() < deadline:
-                behind = sum(p.lag for p in reader.read())
-                if behind == 0:
-                    idle_since = idle_since or time.monotonic()
-                    if time.monotonic() - idle_since >= idle_s:
-                        return
-                else:
-                    idle_since = None
-                    status.update(f"metering: {behind:,} message(s) to go")
-                time.sleep(0.3)
-    finally:
-        reader.close()
-    raise DemoError(f"the worker did not catch up within {timeout_s:.0f} s")
+    with console.status("metering") as status:
+        lags = wait_caught_up(settings, idle_s, timeout_s, status.update, poll_s=0.3)
+    if lags is not None:
+        raise DemoError(f"the worker did not catch up within {timeout_s:.0f} s")
 
 
 def offset_filter(ranges: dict[int, tuple[int, int]]) -> str:

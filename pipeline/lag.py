@@ -6,6 +6,8 @@ been processed (committed offsets move only after the sink's write succeeded).
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
@@ -76,3 +78,36 @@ class LagReader:
     def close(self) -> None:
         """Leave without committing anything."""
         self._consumer.close()
+
+
+def wait_caught_up(
+    settings: Settings,
+    idle_s: float,
+    timeout_s: float,
+    on_status: Callable[[str], None] = lambda _text: None,
+    poll_s: float = 0.5,
+) -> list[PartitionLag] | None:
+    """Block until the worker's committed offsets reach the end of its topics and stay
+    there for ``idle_s`` seconds. Returns ``None`` when caught up, or the last lag
+    reading when ``timeout_s`` passed first. ``on_status`` receives progress text."""
+    reader = LagReader(settings)
+    deadline = time.monotonic() + timeout_s
+    idle_since: float | None = None
+    try:
+        while True:
+            lags = reader.read()
+            behind = sum(p.lag for p in lags)
+            now = time.monotonic()
+            if behind == 0:
+                idle_since = idle_since or now
+                if now - idle_since >= idle_s:
+                    return None
+                on_status(f"caught up; idle {now - idle_since:.1f}/{idle_s:.0f} s")
+            else:
+                idle_since = None
+                on_status(f"{behind:,} message(s) left to process")
+            if now > deadline:
+                return lags
+            time.sleep(poll_s)
+    finally:
+        reader.close()

@@ -109,6 +109,17 @@ def register_quota_pages(app: faust.App, service: QuotaService) -> None:
             headers=headers,
         )
 
+    async def route_reservation(
+        view: View, request: Request, reservation_id: str
+    ) -> Response | None:
+        """A refusal for a malformed id, the owner's answer when another worker owns the
+        reservation's tenant, or ``None``: handle it here."""
+        try:
+            key = parse_reservation_id(reservation_id)
+        except QuotaError as exc:
+            return refuse(view, exc)
+        return await forward(view, request, key.tenant_id)
+
     async def forward(view: View, request: Request, tenant_id: str) -> Response | None:
         """Send the request to the worker owning ``tenant_id`` if that is not us."""
         if service.owns(tenant_id) or request.headers.get(FORWARDED):
@@ -171,11 +182,7 @@ def register_quota_pages(app: faust.App, service: QuotaService) -> None:
     @app.page("/v1/reservations/{reservation_id}/commit", name="quota_commit")
     class CommitView(View):
         async def post(self, request: Request, reservation_id: str) -> Response:
-            try:
-                key = parse_reservation_id(reservation_id)
-            except QuotaError as exc:
-                return refuse(self, exc)
-            routed = await forward(self, request, key.tenant_id)
+            routed = await route_reservation(self, request, reservation_id)
             if routed is not None:
                 return routed
             try:
@@ -192,11 +199,7 @@ def register_quota_pages(app: faust.App, service: QuotaService) -> None:
     @app.page("/v1/reservations/{reservation_id}", name="quota_release")
     class ReleaseView(View):
         async def delete(self, request: Request, reservation_id: str) -> Response:
-            try:
-                key = parse_reservation_id(reservation_id)
-            except QuotaError as exc:
-                return refuse(self, exc)
-            routed = await forward(self, request, key.tenant_id)
+            routed = await route_reservation(self, request, reservation_id)
             if routed is not None:
                 return routed
             try:
