@@ -211,23 +211,55 @@ def simulate(
     late_share: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Live mode: share reported 10-60 min late.")
     ] = 0.0,
+    recon_calls: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Also send both carriers' reports of this many cross-carrier calls spread "
+            "over the month (for `tokenmeter reconcile`).",
+        ),
+    ] = 0,
+    recon_faults: Annotated[
+        str | None,
+        typer.Option(
+            help="Discrepancies among the --recon-calls: a rate spread over all six "
+            "categories (0.07), or category=rate pairs (token_mismatch=0.01,duplicate=0.02). "
+            'Their exact counts go to the truth file under "recon".',
+        ),
+    ] = None,
 ) -> None:
     """Send synthetic carrier traffic (models, carriers, channels, skewed tenants,
     cross-carrier calls, failed calls) with duplicates and bad records."""
-    from pipeline.simulate_run import run_simulation
+    from pipeline.simulate_run import ReconFaults, run_simulation
 
-    result = run_simulation(
-        _settings(ctx),
-        events,
-        seed,
-        dup_rate,
-        bad_rate,
-        tenants,
-        truth,
-        err_console,
-        live_rate=live_rate,
-        late_share=late_share,
-    )
+    settings = _settings(ctx)
+    faults = None
+    if recon_faults is not None:
+        try:
+            faults = ReconFaults.parse(recon_faults)
+        except ValueError as exc:
+            raise UserError(f"--recon-faults: {exc}") from None
+        if not recon_calls:
+            recon_calls = 1000
+    try:
+        result = run_simulation(
+            settings,
+            events,
+            seed,
+            dup_rate,
+            bad_rate,
+            tenants,
+            truth,
+            err_console,
+            live_rate=live_rate,
+            late_share=late_share,
+            recon_calls=recon_calls,
+            recon_faults=faults,
+        )
+    except ValueError as exc:
+        if not recon_calls:
+            raise
+        raise UserError(f"--recon-calls/--recon-faults: {exc}") from None
     summary = Table(show_header=False, box=None)
     summary.add_column(style="bold")
     summary.add_column(justify="right")
@@ -236,6 +268,14 @@ def simulate(
     summary.add_row("exact duplicates", f"{result['exact_duplicates']:,}")
     summary.add_row("bad", f"{result['dead_letters_total']:,}")
     summary.add_row("rate", f"{result['rate']:,.0f} msg/s")
+    if "recon" in result:
+        recon = result["recon"]
+        summary.add_row("cross-carrier calls", f"{recon['calls']:,} ({recon['records']:,} reports)")
+        for period, counts in recon["periods"].items():
+            faults_n = sum(counts.values()) - counts["matched"]
+            summary.add_row(
+                f"  in {period}", f"{counts['matched']:,} matched, {faults_n:,} discrepancies"
+            )
     if truth:
         summary.add_row("truth", str(truth))
     console.print(summary)

@@ -156,3 +156,50 @@ def test_stream_runs_never_reuse_ids() -> None:
     later = ReconSimulation.for_stream(4, now + 60_000, 50, fault_rate=0.2).records()
     assert not {r["event_id"] for r in first} & {r["event_id"] for r in later}
     assert not {r["transaction_id"] for r in first} & {r["transaction_id"] for r in later}
+
+
+# ---- `tokenmeter simulate --recon-faults` ------------------------------------------------
+
+
+def test_recon_faults_option_gives_exact_counts_per_category() -> None:
+    from pipeline.simulate_run import ReconFaults
+
+    even = ReconFaults.parse("0.06").simulation(3, 1_795_000_000_000, 500, 35 * 86_400)
+    assert sorted(even.counts[f] for f in FAULTS) == [5] * 6  # round(500 * 0.06) = 30
+    picked = ReconFaults.parse("token_mismatch=0.01, duplicate=0.02")
+    sim = picked.simulation(3, 1_795_000_000_000, 500, 35 * 86_400)
+    assert {f: sim.counts[f] for f in FAULTS if sim.counts[f]} == {
+        "token_mismatch": 5,
+        "duplicate": 10,
+    }
+    assert sim.counts["matched"] == 485
+    records = sim.records()
+    assert sum(sum(p.values()) for p in sim.truth.periods.values()) == 500
+    assert len(records) == sim.truth.records
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("lots", "neither a rate"),
+        ("1.2", "must lie in [0, 1]"),
+        ("mismatch=0.1", "unknown category 'mismatch'"),
+        ("duplicate=x", "duplicate: 'x' is not a rate"),
+        ("duplicate=0.6,token_mismatch=0.6", "add up to more than 1"),
+    ],
+)
+def test_bad_recon_faults_are_named_without_a_traceback(spec: str, message: str) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "simulate", "--recon-faults", spec],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[3],
+    )
+    assert result.returncode == 2
+    output = " ".join((result.stdout + result.stderr).split())  # rich may wrap the line
+    assert "--recon-faults" in output and message in output
+    assert "Traceback" not in output
