@@ -12,6 +12,12 @@ only. faust would also ack a batch whose agent raised or was cancelled, so a bat
 that could not be stored ends the process at once (``_crash``), without committing:
 the restart replays it, and the sink's offset marks keep the replay from counting
 anything twice.
+
+The web port (``TOKENMETER_WEB_HOST:TOKENMETER_WEB_PORT``) belongs to the quota server,
+a child process (``pipeline/quota/server.py``): it answers the quota calls itself and
+forwards every other path to faust's web server, which listens on a private port of
+127.0.0.1. The pipeline thread runs at ``TOKENMETER_PIPELINE_NICE``, below the quota
+server, so batch work never delays a reservation for long.
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -94,6 +102,12 @@ class _Throughput:
         return line
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 class Worker:
     """The faust app plus the pipeline thread it feeds."""
 
@@ -111,13 +125,23 @@ class Worker:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
         self.stats = _Throughput()
         from pipeline.quota import QuotaService
+        from pipeline.quota.link import QuotaServerProcess
 
+        # faust's own pages (health, status, metrics, query) listen here; the quota
+        # server owns the public web port and forwards them
+        self.faust_port = _free_port()
+        self.quota_server = QuotaServerProcess(
+            settings, self.faust_port, self.metrics, on_exit=_crash
+        )
         self.quota = QuotaService(
             settings,
             self.on_pipeline,
             lambda: self.pipeline.wh,
             pseudonym_key=settings.pseudonym_secret(),
+            replica=self.quota_server,
+            metrics=self.metrics,
         )
+        self._routes: dict[int, str] = {}
         self.app = self._build_app()
 
     @property
@@ -165,9 +189,11 @@ class Worker:
             datadir=str(s.data_path / "worker"),
             key_serializer="raw",
             value_serializer="raw",
-            web_host=s.web_host,
-            web_bind=s.web_host,
-            web_port=s.web_port,
+            web_host="127.0.0.1",
+            web_bind="127.0.0.1",
+            web_port=self.faust_port,
+            # how other workers reach this one: the quota server's public port
+            canonical_url=s.web_url,
             web_in_thread=False,
             broker_session_timeout=6.0,
             broker_heartbeat_interval=1.0,
@@ -214,6 +240,7 @@ class Worker:
             parts = [tp.partition for tp in assigned if tp.topic == s.topic_usage]
             if parts and self._pipeline is not None:
                 await self.quota.on_partitions_assigned(parts)
+            self._send_routes()
 
         @app.task
         async def start_quota() -> None:
@@ -225,6 +252,10 @@ class Worker:
         ) -> None:
             await self.quota.stop()
 
+        @app.timer(2.0)
+        async def quota_routes() -> None:
+            self._send_routes()
+
         @app.timer(10.0)
         async def log_throughput() -> None:
             line = self.stats.report()
@@ -234,24 +265,53 @@ class Worker:
         from pipeline.web import register_pages
 
         register_pages(app, self)
-        from pipeline.quota import register_quota_pages
-
-        register_quota_pages(app, self.quota)
         return app
 
+    def _send_routes(self) -> None:
+        """Tell the quota server which worker (URL) owns each usage partition, as
+        faust's assignor distributed them, when that changed."""
+        routes: dict[int, str] = {}
+        for owner, topics in self.app.router.external_topics_metadata().items():
+            for partition in topics.get(self.settings.topic_usage, ()):
+                routes[int(partition)] = str(owner)
+        if routes != self._routes:
+            self._routes = routes
+            self.quota_server.send(("routes", routes))
+
+    def _lower_priority(self) -> None:
+        """Run the calling thread, and the threads it starts from now on, at
+        ``TOKENMETER_PIPELINE_NICE`` (Linux: a nice value is per thread)."""
+        nice = self.settings.pipeline_nice
+        if nice:
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+            except OSError as exc:  # not permitted here: run at normal priority
+                log.warning("cannot lower the worker's CPU priority: %s", exc)
+
+    def _start_pipeline_thread(self) -> Pipeline:
+        """On the pipeline thread: lower its priority (and that of the threads it starts,
+        like the warehouse engine's and the producers'), then build the pipeline."""
+        self._lower_priority()
+        return self._factory()
+
     def start_pipeline(self) -> None:
-        """Open the warehouse and the producers (blocking; before the app starts)."""
-        self._pipeline = self.executor.submit(self._factory).result()
+        """Start the quota server (it takes the web port), then open the warehouse and
+        the producers on the pipeline thread, at a lower priority (blocking; before the
+        app starts). Call from the main thread. Faust's loop keeps the normal priority:
+        it publishes the threshold alerts."""
+        self.quota_server.start()
+        self._pipeline = self.executor.submit(self._start_pipeline_thread).result()
         self._pipeline.quota = self.quota
         self.metrics.start()
 
     def stop_pipeline(self) -> None:
-        """Release the warehouse (after the app stopped)."""
+        """Release the warehouse (after the app stopped), then stop the quota server."""
         self.metrics.close()
         if self._pipeline is not None:
             self.executor.submit(self._pipeline.close).result()
             self._pipeline = None
         self.executor.shutdown(wait=True)
+        self.quota_server.close()
 
 
 def run_worker(settings: Settings, loglevel: str = "info") -> int:

@@ -5,11 +5,12 @@ two workers in one process, or a test next to a worker, never share a counter.
 
 What goes in: the pipeline reports each batch (``observe_batch``), each sink write
 (``observe_flush``) and each failed insert attempt (``observe_sink_retry``); the quota
-service reports reservations and webhook deliveries. Consumer lag is read from Kafka
-(end offset minus the group's committed offset, as ``tokenmeter wait`` does) on a
-background thread every ``lag_interval_s`` seconds, so a scrape never waits for Kafka
-and never blocks the worker's event loop. What comes out: ``render()``, the text
-exposition format.
+service reports webhook deliveries, and the quota server (another process) its
+reservations and answer times (``observe_quota_server``, every half second). Consumer
+lag is read from Kafka (end offset minus the group's committed offset, as ``tokenmeter
+wait`` does) on a background thread every ``lag_interval_s`` seconds, so a scrape
+never waits for Kafka and never blocks the worker's event loop. What comes out:
+``render()``, the text exposition format.
 
 Names follow Prometheus conventions: the unit in the name, ``_total`` on counters.
 Label values that are known in advance (dead-letter reasons, sink tables, outcomes)
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from confluent_kafka import KafkaException
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
@@ -55,6 +56,9 @@ SINK_TABLES = (
 AGENTS = ("ingest", "dead_letters")
 QUOTA_OUTCOMES = ("granted", "partial", "denied", "error")
 WEBHOOK_OUTCOMES = ("ok", "retry", "failed")  # as webhook_deliveries.status
+QUOTA_CALLS = ("status", "reserve", "commit", "release")
+# quota calls take well under a millisecond; the target is p99 < 5 ms
+QUOTA_DURATION_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -153,6 +157,8 @@ class WorkerMetrics:
             ["outcome"],
             registry=r,
         )
+        self.quota_durations = _QuotaDurations()
+        r.register(self.quota_durations)
         self.lag_read_errors = Counter(
             f"{PREFIX}_consumer_lag_read_errors_total",
             "Consumer-lag reads that failed (Kafka unreachable, topic missing).",
@@ -213,9 +219,19 @@ class WorkerMetrics:
         self.sink_retries.labels(table).inc()
         self.sink_failing.labels(table).inc()
 
-    def observe_quota_reservation(self, outcome: str) -> None:
-        """Count one reservation request by outcome (granted, partial, denied, error)."""
-        self.quota_reservations.labels(outcome).inc()
+    def observe_quota_reservation(self, outcome: str, count: int = 1) -> None:
+        """Count reservation requests by outcome (granted, partial, denied, error)."""
+        self.quota_reservations.labels(outcome).inc(count)
+
+    def observe_quota_server(
+        self, outcomes: dict[str, int], durations: dict[str, list[float]]
+    ) -> None:
+        """Add what the quota server answered since its last report: reservations by
+        outcome, and per call (``QUOTA_CALLS``) the count of answers in each bucket of
+        ``QUOTA_DURATION_BUCKETS`` (one more for slower ones), then their seconds."""
+        for outcome, count in outcomes.items():
+            self.observe_quota_reservation(outcome, count)
+        self.quota_durations.add(durations)
 
     def observe_webhook_delivery(self, outcome: str) -> None:
         """Count one webhook delivery attempt by outcome: ``ok`` (2xx), ``retry`` (failed,
@@ -281,6 +297,50 @@ class WorkerMetrics:
         self.start()
         encoder, content_type = choose_encoder(accept)
         return encoder(self.registry), content_type
+
+
+class _QuotaDurations(Collector):
+    """``tokenmeter_quota_request_duration_seconds``: the quota server's answer times,
+    by call. The server buckets them itself (it is another process) and reports
+    deltas; this adds them up."""
+
+    NAME = f"{PREFIX}_quota_request_duration_seconds"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        size = len(QUOTA_DURATION_BUCKETS) + 2  # the buckets, slower ones, the sum
+        self._data = {call: [0.0] * size for call in QUOTA_CALLS}
+
+    def add(self, durations: dict[str, list[float]]) -> None:
+        with self._lock:
+            for call, values in durations.items():
+                mine = self._data.setdefault(call, [0.0] * len(values))
+                for i, value in enumerate(values):
+                    mine[i] += value
+
+    def describe(self) -> Iterable[Metric]:
+        return [self._family({})]
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            data = {call: list(values) for call, values in self._data.items()}
+        yield self._family(data)
+
+    def _family(self, data: dict[str, list[float]]) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(
+            self.NAME,
+            "Time the quota server took to work out the answer of a quota call (request "
+            "parsed to answer ready), by call.",
+            labels=["call"],
+        )
+        for call, values in data.items():
+            running = 0.0
+            buckets = []
+            for bound, count in zip((*QUOTA_DURATION_BUCKETS, math.inf), values, strict=False):
+                running += count
+                buckets.append(("+Inf" if bound == math.inf else repr(bound), running))
+            family.add_metric([call], buckets, values[-1])
+        return family
 
 
 class _LagCollector(Collector):

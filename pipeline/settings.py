@@ -71,6 +71,11 @@ class Settings(BaseSettings):
     batch_max: int = Field(default=5000, ge=1, le=500_000)
     batch_within_s: float = Field(default=0.5, gt=0)
     sink_retry_max_s: float = Field(default=30.0, gt=0)
+    # the nice value (0-19) of the worker's pipeline thread (batch decoding, rating,
+    # inserts); the quota server keeps the normal priority (see docs/quotas.md)
+    pipeline_nice: int = Field(default=10, ge=0, le=19)
+    # the quota server's nice value; below 0 (above other processes) needs privileges
+    quota_server_nice: int = Field(default=0, ge=-20, le=19)
 
     # security
     pseudonym_key: SecretStr | None = None

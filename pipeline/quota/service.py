@@ -47,6 +47,7 @@ import binascii
 import contextlib
 import hashlib
 import itertools
+import json
 import logging
 import re
 import secrets
@@ -56,7 +57,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pyarrow as pa
 from confluent_kafka import KafkaException
@@ -90,6 +91,7 @@ from pipeline.settings import Settings
 from pipeline.warehouse.base import Warehouse, WarehouseError, quote_literal
 
 if TYPE_CHECKING:
+    from pipeline.metrics import WorkerMetrics
     from pipeline.stages.rate import Rated
 
 log = logging.getLogger("tokenmeter.quota")
@@ -130,6 +132,19 @@ _DELIVERIES_SCHEMA = pa.schema(
 )
 
 
+class Replica(Protocol):
+    """The quota server process that holds the reservations (``pipeline/quota/link.py``):
+    the worker's service mirrors every change of usage, definitions and partitions to it,
+    in the order it makes them."""
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        """Queue one change for the server (never blocks)."""
+
+    async def pending_ids(self) -> list[str]:
+        """The event ids of the server's pending commits (after every change sent before)."""
+        ...
+
+
 class NotReadyError(QuotaError):
     """The service cannot answer for this tenant yet (starting, or its partition's
     usage is being restored, or another worker owns it). Retry shortly: HTTP 503."""
@@ -153,12 +168,24 @@ _ID_PREFIX = secrets.token_hex(4)  # per process: ids from two workers never col
 _ID_SEQ = itertools.count(1)
 
 
+# a reservation's hot path: the id's quota part, both ways (bounded: cleared when full)
+_ID_HEADS: dict[QuotaKey, str] = {}
+_ID_KEYS: dict[str, QuotaKey] = {}
+_CACHE_MAX = 100_000
+
+
 def reservation_id(key: QuotaKey) -> str:
     """A new reservation id that names its quota (so any worker can route it):
     ``rsv_<b64 tenant>.<b64 subscriber>.<process prefix><sequence, hex>``. Unique, not
     secret: the API has no authentication to protect (it listens on 127.0.0.1)."""
-    token = f"{_ID_PREFIX}{next(_ID_SEQ):08x}"
-    return f"{RESERVATION_PREFIX}{_b64(key.tenant_id)}.{_b64(key.subscriber_id)}.{token}"
+    head = _ID_HEADS.get(key)
+    if head is None:
+        if len(_ID_HEADS) >= _CACHE_MAX:
+            _ID_HEADS.clear()
+        head = _ID_HEADS[key] = (
+            f"{RESERVATION_PREFIX}{_b64(key.tenant_id)}.{_b64(key.subscriber_id)}."
+        )
+    return f"{head}{_ID_PREFIX}{next(_ID_SEQ):08x}"
 
 
 def wall_clock_ms() -> int:
@@ -170,13 +197,21 @@ def parse_reservation_id(res_id: str) -> QuotaKey:
     """The quota a reservation id belongs to; ``ReservationNotFoundError`` if malformed."""
     if not res_id.startswith(RESERVATION_PREFIX):
         raise ReservationNotFoundError(f"not a reservation id: {res_id!r}")
+    head = res_id.rpartition(".")[0]  # "rsv_<tenant>.<subscriber>" of a well-formed id
+    found = _ID_KEYS.get(head)
+    if found is not None:
+        return found
     parts = res_id[len(RESERVATION_PREFIX) :].split(".")
     if len(parts) != 3:
         raise ReservationNotFoundError(f"not a reservation id: {res_id!r}")
     try:
-        return QuotaKey(_unb64(parts[0]), _unb64(parts[1]))
+        key = QuotaKey(_unb64(parts[0]), _unb64(parts[1]))
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise ReservationNotFoundError(f"not a reservation id: {res_id!r}") from None
+    if len(_ID_KEYS) >= _CACHE_MAX:
+        _ID_KEYS.clear()
+    _ID_KEYS[head] = key
+    return key
 
 
 def murmur2_partition(key: bytes, partitions: int) -> int:
@@ -226,12 +261,23 @@ class QuotaService:
         partitions: int | None = None,
         kafka: bool = True,
         clock: Callable[[], int] = wall_clock_ms,
+        replica: Replica | None = None,
+        follower: bool = False,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         """``run_blocking(fn, *args)`` runs ``fn`` on the pipeline thread (the one that
         owns the warehouse) and returns its result; ``warehouse()`` returns the
         pipeline's warehouse (only called on that thread). ``kafka=False`` (tests)
         publishes nothing and reads no topic. ``partitions`` is the usage topic's
-        partition count (read from Kafka at start when ``None``)."""
+        partition count (read from Kafka at start when ``None``).
+
+        Two roles split the service between two processes in the worker
+        (``pipeline/quota/server.py``): with ``replica`` (the worker's side) it keeps
+        usage, definitions and alerts, holds no reservation and no journal, and mirrors
+        every change to the replica; with ``follower=True`` (the quota server's side) it
+        applies those changes (``on_replica_message``), holds the reservations and the
+        journal, and serves the four calls. Without either (tests), it does it all.
+        ``metrics``: where webhook delivery attempts are counted."""
         self.settings = settings
         self._run = run_blocking
         self._warehouse = warehouse
@@ -239,12 +285,24 @@ class QuotaService:
         self.kafka = kafka
         self.clock = clock
         self.pending_ttl_ms = int(pending_ttl_s * 1000)
-        self.webhooks = load_webhooks(
-            webhooks_path
-            if webhooks_path is not None
-            else settings.data_path / "quota_webhooks.yaml"
+        self.replica = replica
+        self.follower = follower
+        # the follower publishes nothing: webhooks and alerts are the worker's
+        self.webhooks = (
+            []
+            if follower
+            else load_webhooks(
+                webhooks_path
+                if webhooks_path is not None
+                else settings.data_path / "quota_webhooks.yaml"
+            )
         )
-        self.journal = Journal(journal_path or settings.data_path / "quota" / "reservations.jsonl")
+        self.journal: Journal | None = (
+            None
+            if replica is not None
+            else Journal(journal_path or settings.data_path / "quota" / "reservations.jsonl")
+        )
+        self._journal_replayed = False
         self.partitions = partitions
         self.ledgers: dict[QuotaKey, QuotaLedger] = {}
         self.definitions: dict[QuotaKey, QuotaDefinition] = {}
@@ -268,11 +326,17 @@ class QuotaService:
         self._assigned: set[int] = set()
         self._follower: Any = None
         self.publisher: AlertPublisher | None = None
-        self.dispatcher = WebhookDispatcher(self.webhooks, self._attempts.append)
+        self.metrics = metrics
+        self.dispatcher = WebhookDispatcher(self.webhooks, self._record_attempt)
         self.started = False
         self._emit_ready = False
         self._stopping = False
         self.alert_latency_ms: list[float] = []  # detection -> broker ack, for metrics
+
+    def _record_attempt(self, attempt: Attempt) -> None:
+        self._attempts.append(attempt)  # written to webhook_deliveries by the table writer
+        if self.metrics is not None:
+            self.metrics.observe_webhook_delivery(attempt.status)
 
     # ---- keys, partitions, readiness ----------------------------------------------
     def quota_key(self, tenant_id: str, subscriber_id: str | None = None) -> QuotaKey:
@@ -360,7 +424,7 @@ class QuotaService:
             first.expires_ms,
             any(g.over_limit for g in grants),
         )
-        if grant.reservation_id is not None:
+        if grant.reservation_id is not None and self.journal is not None:
             self.journal.reserved(key, res_id, grant.granted, grant.expires_ms)
         return grant
 
@@ -373,7 +437,7 @@ class QuotaService:
         for other in ledgers[1:]:
             with contextlib.suppress(QuotaError):
                 other.commit(res_id, token_units, now, event_id)
-        if outcome.at_ms == now:  # not a repeated answer
+        if outcome.at_ms == now and self.journal is not None:  # not a repeated answer
             self.journal.committed(res_id, token_units, event_id, now + self.pending_ttl_ms)
         return outcome
 
@@ -386,7 +450,7 @@ class QuotaService:
         for other in ledgers[1:]:
             with contextlib.suppress(QuotaError):
                 other.release(res_id, now)
-        if outcome.at_ms == now:
+        if outcome.at_ms == now and self.journal is not None:
             self.journal.released(res_id)
         return outcome
 
@@ -452,6 +516,8 @@ class QuotaService:
         loop.call_soon_threadsafe(self._apply, singles, agg)
 
     def _apply(self, singles: list[RatedItem], agg: _Agg) -> None:
+        if self.replica is not None:
+            self.replica.send(("apply", singles, agg))
         now = self.clock()
         for (tenant, part, day, month), s in agg.items():
             self._ledger(QuotaKey(tenant), part).add_period_usage(
@@ -541,6 +607,8 @@ class QuotaService:
         rows: list[tuple[str, str, int, str, Decimal, Decimal]],
         landed: set[str],
     ) -> None:
+        if self.replica is not None:
+            self.replica.send(("install", parts, sub_keys, rows, landed))
         fresh: dict[QuotaKey, tuple[int, dict[str, Usage]]] = {}
         for tenant, sub, part, day, tu, cny in rows:
             key = QuotaKey(tenant, sub)
@@ -569,7 +637,7 @@ class QuotaService:
             found = self.ledgers.get(key)
             if found is not None and (found.partition in part_set or key in sub_set):
                 self._check(found, now)
-        if not (parts or sub_keys):
+        if not (parts or sub_keys) or self.follower:
             return
         log.info(
             "quota usage restored: partitions %s, %d subscriber quotas, %d keys",
@@ -594,6 +662,8 @@ class QuotaService:
         self._assigned |= set(parts)
         if not parts:
             return
+        if self.replica is not None:
+            self.replica.send(("assigned", parts))
         if wait:
             await self._restore_partitions(parts)
         else:
@@ -602,16 +672,21 @@ class QuotaService:
     async def _restore_partitions(self, parts: list[int]) -> None:
         assert self._loop is not None
         subs = [k for k in self._sub_keys if self.partition_of(k.tenant_id) in parts]
-        await self._run(self._restore_sync, parts, subs, self._pending_ids(), self._loop)
+        pending = await self._pending_ids_anywhere()
+        await self._run(self._restore_sync, parts, subs, pending, self._loop)
 
     def on_partitions_revoked(self, partitions: Sequence[int]) -> None:
         """Stop serving these partitions' tenants (another worker may take them)."""
         self._assigned -= set(partitions)
         self._ready_parts -= set(partitions)
+        if self.replica is not None:
+            self.replica.send(("revoked", sorted(set(partitions))))
 
     # ---- definitions ----------------------------------------------------------------------
     def apply_definition(self, change: DefinitionChange) -> None:
         """A definition was set or deleted (from the topic); in the loop."""
+        if self.replica is not None:
+            self.replica.send(("definition", change))
         key = key_from_topic_key(change.key)
         d = change.definition
         previous = self.definitions.get(key)
@@ -628,6 +703,8 @@ class QuotaService:
             self._ledger(key).definition = d
         self._defined_tenants = frozenset(k.tenant_id for k in self.definitions)
         self._sub_keys = frozenset(k for k in self.definitions if k.subscriber_id)
+        if self.follower:
+            return  # the worker mirrors definitions, restores usage and checks thresholds
         if change.offset > self._mirrored_version:
             shown = d or previous
             self._quota_rows.append(
@@ -695,6 +772,9 @@ class QuotaService:
             await loop.run_in_executor(None, ensure_quota_topics, self.settings)
             if self.partitions is None:
                 self.partitions = await loop.run_in_executor(None, self._usage_partition_count)
+        if self.replica is not None:
+            self.replica.send(("partitions", self.partitions or 1))
+        if self.kafka:
             changes, ends = await loop.run_in_executor(None, read_definitions, self.settings)
             messages, _ = await loop.run_in_executor(
                 None,
@@ -730,16 +810,17 @@ class QuotaService:
         # a table row without its topic message: the publish was acknowledged (the row
         # is written only after that), the message may have expired from the topic
         self.published |= self.recorded
-        now = self.clock()
-        for jh in self.journal.replay(now):
-            self._restore_hold(jh, now)
+        self._replay_journal()
         subs = sorted(self._sub_keys)
-        await self._run(self._restore_sync, [], subs, self._pending_ids(), loop)
+        pending = await self._pending_ids_anywhere()
+        await self._run(self._restore_sync, [], subs, pending, loop)
         self._resume_webhooks(emitted, state["deliveries"])
         if self.kafka:
             self._follower = DefinitionFollower(self.settings, ends, self._on_change_threadsafe)
             self._follower.start()
         self.started = True
+        if self.replica is not None:
+            self.replica.send(("started",))
         self._emit_ready = True
         self._spawn(self._emit_loop())
         self._spawn(self._write_loop())
@@ -752,6 +833,56 @@ class QuotaService:
             sum(len(ledger.holds) for ledger in self.ledgers.values()),
             len(self.webhooks),
         )
+
+    def _replay_journal(self) -> None:
+        """Re-open the holds of the journal (once; only where the journal is kept)."""
+        if self.journal is None or self._journal_replayed:
+            return
+        self._journal_replayed = True
+        now = self.clock()
+        for jh in self.journal.replay(now):
+            self._restore_hold(jh, now)
+
+    async def _pending_ids_anywhere(self) -> list[str]:
+        if self.replica is not None:
+            return await self.replica.pending_ids()
+        return self._pending_ids()
+
+    # ---- the follower (quota server) side ---------------------------------------------
+    def start_follower(self) -> None:
+        """Start the follower's background work (expiry, journal compaction). Call in
+        its event loop; the worker's messages then drive the state."""
+        self._loop = asyncio.get_running_loop()
+        self._spawn(self._sweep_loop())
+
+    def on_replica_message(self, message: tuple[Any, ...]) -> Any:
+        """Apply one change sent by the worker's service (see ``Replica``), in the order
+        sent. Returns the answer of a question (``pending_ids``), else ``None``."""
+        kind = message[0]
+        if kind == "apply":
+            self._apply(message[1], message[2])
+        elif kind == "install":
+            self._install(message[1], message[2], message[3], message[4])
+        elif kind == "definition":
+            self.apply_definition(message[1])
+        elif kind == "assigned":
+            self._assigned |= set(message[1])
+        elif kind == "revoked":
+            self.on_partitions_revoked(message[1])
+        elif kind == "partitions":
+            # the journal's holds need the partition count to know their partition
+            self.partitions = int(message[1])
+            self._partition_cache.clear()
+            for ledger in self.ledgers.values():
+                ledger.partition = self.partition_of(ledger.key.tenant_id)
+            self._replay_journal()
+        elif kind == "started":
+            self.started = True
+        elif kind == "pending_ids":
+            return self._pending_ids()
+        else:
+            raise ValueError(f"unknown quota replica message {kind!r}")
+        return None
 
     def _usage_partition_count(self) -> int:
         from confluent_kafka.admin import AdminClient
@@ -851,7 +982,8 @@ class QuotaService:
             self._follower.stop()
         if self.publisher is not None:
             self.publisher.close()
-        self.journal.close()
+        if self.journal is not None:
+            self.journal.close()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         assert self._loop is not None
@@ -997,7 +1129,7 @@ class QuotaService:
                 ledger.prune(now)
             for key in [k for k, ledger in self.ledgers.items() if ledger.idle]:
                 del self.ledgers[key]
-        if self.journal.lines > 200_000:
+        if self.journal is not None and self.journal.lines > 200_000:
             live = [
                 JournalHold(ledger.key, h)
                 for ledger in self.ledgers.values()
@@ -1014,7 +1146,10 @@ class QuotaService:
         return {
             "definitions": len(self.definitions),
             "ledgers": len(self.ledgers),
-            "open_reservations": sum(
+            # the quota server holds them when there is one (it reports its count)
+            "open_reservations": getattr(self.replica, "open_reservations", None)
+            if self.replica is not None
+            else sum(
                 1
                 for ledger in self.ledgers.values()
                 for h in ledger.holds.values()
@@ -1065,14 +1200,29 @@ def status_json(s: QuotaStatus) -> dict[str, Any]:
     return body
 
 
+_ISO_SECONDS: dict[int, str] = {}
+
+
+def iso_ms(ms: int) -> str:
+    """Epoch ms as ISO 8601 UTC with milliseconds (``2026-11-28T02:00:30.123+00:00``),
+    as ``datetime.isoformat(timespec="milliseconds")`` writes it; memoised per second."""
+    seconds, millis = divmod(ms, 1000)
+    base = _ISO_SECONDS.get(seconds)
+    if base is None:
+        if len(_ISO_SECONDS) >= 10_000:
+            _ISO_SECONDS.clear()
+        base = _ISO_SECONDS[seconds] = datetime.fromtimestamp(seconds, tz=UTC).strftime(
+            "%Y-%m-%dT%H:%M:%S"
+        )
+    return f"{base}.{millis:03d}+00:00"
+
+
 def grant_json(g: Grant) -> dict[str, Any]:
     return {
         "reservation_id": g.reservation_id,
         "requested": fmt(g.requested),
         "granted": fmt(g.granted),
-        "expires_at": datetime.fromtimestamp(g.expires_ms / 1000, tz=UTC).isoformat(
-            timespec="milliseconds"
-        ),
+        "expires_at": iso_ms(g.expires_ms),
         "over_limit": g.over_limit,
     }
 
@@ -1087,3 +1237,25 @@ def settlement_json(s: Settlement) -> dict[str, Any]:
         "over_grant": s.over_grant,
         "event_id": s.event_id,
     }
+
+
+# The two answers on every model call's path, written directly: the same bytes as
+# ``json.dumps(grant_json(g), separators=(",", ":"))`` (ids are ASCII by construction;
+# the client's event id goes through json.dumps), at a fraction of the cost.
+def grant_body(g: Grant) -> bytes:
+    rid = "null" if g.reservation_id is None else f'"{g.reservation_id}"'
+    return (
+        f'{{"reservation_id":{rid},"requested":"{fmt(g.requested)}",'
+        f'"granted":"{fmt(g.granted)}","expires_at":"{iso_ms(g.expires_ms)}",'
+        f'"over_limit":{"true" if g.over_limit else "false"}}}'
+    ).encode()
+
+
+def settlement_body(s: Settlement) -> bytes:
+    event = "null" if s.event_id is None else json.dumps(s.event_id, separators=(",", ":"))
+    return (
+        f'{{"reservation_id":"{s.reservation_id}","outcome":"{s.outcome}",'
+        f'"granted":"{fmt(s.granted)}","committed":"{fmt(s.committed)}",'
+        f'"released":"{fmt(s.released)}","over_grant":{"true" if s.over_grant else "false"},'
+        f'"event_id":{event}}}'
+    ).encode()

@@ -1,4 +1,4 @@
-"""The quota service's HTTP calls (contract section 4), as faust views.
+"""The quota service's HTTP calls (contract section 4), independent of any HTTP server.
 
 - ``GET    /v1/quotas/{tenant_id}[?subscriber_id=S]``: limit, used, reserved, remaining,
   state (``ok``/``warning``/``exhausted``) of the current period;
@@ -11,24 +11,23 @@
 
 Amounts are exact decimal strings in answers and may be numbers or strings in requests.
 Errors are ``{"error": "..."}`` with 400 (bad body), 404 (no quota for the tenant, no
-such reservation), 409 (reservation already committed/released/expired) or 503 (not
-ready for this tenant yet: retry; carries ``Retry-After: 1``).
+such reservation), 405 (another method on a quota path), 409 (reservation already
+committed/released/expired) or 503 (not ready for this tenant yet: retry; carries
+``Retry-After: 1``).
 
-Routing: a tenant's quota lives on the worker that owns the tenant's partition of the
-usage topic (its events are keyed by tenant). A request reaching another worker is
-forwarded there (body included), found in faust's assignment of that topic (the
-partition is computed with Kafka's murmur2 partitioner, as producers do); reservation ids
-name their tenant, so commit and release route the same way.
+``QuotaApi.match`` says whether a request is a quota call (and for which tenant, so the
+server can route it to the worker owning the tenant's partition); ``QuotaApi.handle``
+answers it from the local ``QuotaService``. The server (``server.py``) does the I/O.
 """
 
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
-
-import faust
-from faust.web import Request, Response, View
-from yarl import URL
+from urllib.parse import parse_qs, unquote
 
 from pipeline.metering.quota import (
     BadAmountError,
@@ -41,8 +40,9 @@ from pipeline.metering.quota import (
 from pipeline.quota.service import (
     NotReadyError,
     QuotaService,
-    grant_json,
+    grant_body,
     parse_reservation_id,
+    settlement_body,
     settlement_json,
     status_json,
 )
@@ -50,10 +50,33 @@ from pipeline.quota.service import (
 FORWARDED = "X-Tokenmeter-Forwarded"
 OWNER = "X-Tokenmeter-Owner"  # on answers forwarded from the owning worker
 DEFAULT_TTL_S = 30.0
+JSON = "application/json"
+
+# what a call is, for the metrics: status, reserve, commit, release
+Observer = Callable[[str, str | None, float], None]  # (call, reserve outcome, seconds)
 
 
 class BadRequestError(QuotaError):
     """The request body is not what the call expects."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An answer: status, JSON body and extra headers."""
+
+    status: int
+    body: bytes
+    headers: tuple[tuple[str, str], ...] = ()
+    content_type: str = JSON
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """A request recognised as a quota call."""
+
+    name: str  # status | reserve | commit | release
+    tenant_id: str | None  # None: the reservation id is malformed (answered 404)
+    reservation_id: str | None = None
 
 
 def _status_of(exc: QuotaError) -> int:
@@ -66,9 +89,26 @@ def _status_of(exc: QuotaError) -> int:
     return 409  # settled, or any other refusal of the ledger
 
 
-async def _body(request: Request, example: str) -> dict[str, Any]:
+def reply(body: Any, status: int = 200) -> Reply:
+    return Reply(status, json.dumps(body, separators=(",", ":")).encode())
+
+
+def refuse(exc: QuotaError) -> Reply:
+    status = _status_of(exc)
+    body: dict[str, Any] = {"error": str(exc)}
+    if isinstance(exc, ReservationSettledError):
+        body["reservation"] = settlement_json(exc.settlement)
+    headers = (("Retry-After", "1"),) if status == 503 else ()
+    return Reply(status, json.dumps(body).encode(), headers)
+
+
+def error(status: int, message: str) -> Reply:
+    return Reply(status, json.dumps({"error": message}).encode())
+
+
+def _body(raw: bytes, example: str) -> dict[str, Any]:
     try:
-        body = await request.json()
+        body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise BadRequestError(f"body must be JSON: {example}") from None
     if not isinstance(body, dict):
@@ -85,125 +125,104 @@ def _optional_str(body: dict[str, Any], name: str) -> str | None:
     return value
 
 
-def register_quota_pages(app: faust.App, service: QuotaService) -> None:
-    """Add the four quota calls to the worker's faust app."""
-    usage_topic = service.settings.topic_usage
+_ALLOWED = {"status": "GET", "reserve": "POST", "commit": "POST", "release": "DELETE"}
 
-    def reply(view: View, body: Any, status: int = 200) -> Response:
-        return view.bytes(
-            json.dumps(body, separators=(",", ":")).encode(),
-            content_type="application/json",
-            status=status,
-        )
 
-    def refuse(view: View, exc: QuotaError) -> Response:
-        status = _status_of(exc)
-        headers = {"Retry-After": "1"} if status == 503 else None
-        body: dict[str, Any] = {"error": str(exc)}
-        if isinstance(exc, ReservationSettledError):
-            body["reservation"] = settlement_json(exc.settlement)
-        return view.bytes(
-            json.dumps(body).encode(),
-            content_type="application/json",
-            status=status,
-            headers=headers,
-        )
+class QuotaApi:
+    """The four calls over one ``QuotaService``; ``observe`` is told each local call's
+    name, the outcome of a reservation (granted, partial, denied, error) and its time."""
 
-    async def route_reservation(
-        view: View, request: Request, reservation_id: str
-    ) -> Response | None:
-        """A refusal for a malformed id, the owner's answer when another worker owns the
-        reservation's tenant, or ``None``: handle it here."""
-        try:
-            key = parse_reservation_id(reservation_id)
-        except QuotaError as exc:
-            return refuse(view, exc)
-        return await forward(view, request, key.tenant_id)
+    def __init__(self, service: QuotaService, observe: Observer | None = None) -> None:
+        self.service = service
+        self.observe = observe
 
-    async def forward(view: View, request: Request, tenant_id: str) -> Response | None:
-        """Send the request to the worker owning ``tenant_id`` if that is not us."""
-        if service.owns(tenant_id) or request.headers.get(FORWARDED):
+    @staticmethod
+    def match(method: str, path: str) -> Call | None | Reply:
+        """The quota call a request is, ``None`` if it is no quota path, or a ready
+        ``Reply`` (405) for a wrong method on a quota path."""
+        parts = path.split("/")
+        # "", "v1", "quotas"|"reservations", x[, "reservations"|"commit"]
+        if len(parts) < 4 or parts[1] != "v1" or not parts[3]:
             return None
-        partition = service.partition_of(tenant_id)
-        dest: URL | None = None
-        # {worker url: {topic: partitions}}, as faust's assignor distributed it
-        for owner, topics in app.router.external_topics_metadata().items():
-            if partition in topics.get(usage_topic, ()):
-                dest = URL(owner)
-                break
-        here = app.conf.canonical_url
-        if dest is None or (dest.host, dest.port) == (here.host, here.port):
-            return None  # no owner known yet, or us: answer here (503 until restored)
-        target = request.url.with_host(dest.host or "").with_port(dest.port)
-        data = await request.read()
-        headers = {FORWARDED: "1", "Content-Type": "application/json"}
-        async with app.http_client.request(
-            method=request.method, url=target, data=data, headers=headers
-        ) as resp:
-            return view.bytes(
-                await resp.read(),
-                content_type="application/json",
-                status=resp.status,
-                headers={OWNER: str(dest)},
+        name: str | None = None
+        if parts[2] == "quotas":
+            if len(parts) == 4:
+                name = "status"
+            elif len(parts) == 5 and parts[4] == "reservations":
+                name = "reserve"
+        elif parts[2] == "reservations":
+            if len(parts) == 4:
+                name = "release"
+            elif len(parts) == 5 and parts[4] == "commit":
+                name = "commit"
+        if name is None:
+            return None
+        if method != _ALLOWED[name]:
+            return Reply(
+                405,
+                json.dumps({"error": f"method not allowed: use {_ALLOWED[name]}"}).encode(),
+                (("Allow", _ALLOWED[name]),),
             )
+        segment = unquote(parts[3])
+        if name in ("status", "reserve"):
+            return Call(name, segment)
+        try:
+            tenant: str | None = parse_reservation_id(segment).tenant_id
+        except QuotaError:
+            tenant = None
+        return Call(name, tenant, segment)
 
-    @app.page("/v1/quotas/{tenant_id}", name="quota_status")
-    class QuotaStatusView(View):
-        async def get(self, request: Request, tenant_id: str) -> Response:
-            routed = await forward(self, request, tenant_id)
-            if routed is not None:
-                return routed
-            try:
-                status = service.get(tenant_id, request.query.get("subscriber_id") or None)
-            except QuotaError as exc:
-                return refuse(self, exc)
-            return reply(self, status_json(status))
+    def handle(self, call: Call, query: str, raw: bytes) -> Reply:
+        """Answer ``call`` here (``query``: the URL's query string, ``raw``: the body)."""
+        started = time.perf_counter()
+        outcome: str | None = None
+        try:
+            if call.name == "status":
+                assert call.tenant_id is not None
+                sub = parse_qs(query).get("subscriber_id", [""])[0] if query else ""
+                answer = reply(status_json(self.service.get(call.tenant_id, sub or None)))
+            elif call.name == "reserve":
+                outcome = "error"
+                answer, outcome = self._reserve(call, raw)
+            elif call.name == "commit":
+                answer = self._commit(call, raw)
+            else:
+                if call.tenant_id is None or call.reservation_id is None:
+                    raise ReservationNotFoundError(f"not a reservation id: {call.reservation_id!r}")
+                answer = Reply(200, settlement_body(self.service.release(call.reservation_id)))
+        except QuotaError as exc:
+            answer = refuse(exc)
+        if self.observe is not None:
+            self.observe(call.name, outcome, time.perf_counter() - started)
+        return answer
 
-    @app.page("/v1/quotas/{tenant_id}/reservations", name="quota_reservations")
-    class ReservationsView(View):
-        async def post(self, request: Request, tenant_id: str) -> Response:
-            routed = await forward(self, request, tenant_id)
-            if routed is not None:
-                return routed
-            try:
-                body = await _body(request, '{"token_units": n, "ttl_s": t}')
-                if "token_units" not in body:
-                    raise BadRequestError('token_units: required ({"token_units": n, "ttl_s": t})')
-                amount = to_tu(body["token_units"])
-                ttl = body.get("ttl_s", DEFAULT_TTL_S)
-                if isinstance(ttl, bool) or not isinstance(ttl, int | float):
-                    raise BadRequestError("ttl_s: must be a number of seconds")
-                subscriber = _optional_str(body, "subscriber_id")
-                grant = service.reserve(tenant_id, amount, float(ttl), subscriber)
-            except QuotaError as exc:
-                return refuse(self, exc)
-            return reply(self, grant_json(grant), 201 if grant.reservation_id else 200)
+    def _reserve(self, call: Call, raw: bytes) -> tuple[Reply, str]:
+        assert call.tenant_id is not None
+        body = _body(raw, '{"token_units": n, "ttl_s": t}')
+        if "token_units" not in body:
+            raise BadRequestError('token_units: required ({"token_units": n, "ttl_s": t})')
+        amount = to_tu(body["token_units"])
+        ttl = body.get("ttl_s", DEFAULT_TTL_S)
+        if isinstance(ttl, bool) or not isinstance(ttl, int | float):
+            raise BadRequestError("ttl_s: must be a number of seconds")
+        subscriber = _optional_str(body, "subscriber_id")
+        grant = self.service.reserve(call.tenant_id, amount, float(ttl), subscriber)
+        if grant.granted <= 0:
+            outcome = "denied"
+        elif grant.granted < grant.requested:
+            outcome = "partial"
+        else:
+            outcome = "granted"
+        return Reply(201 if grant.reservation_id else 200, grant_body(grant)), outcome
 
-    @app.page("/v1/reservations/{reservation_id}/commit", name="quota_commit")
-    class CommitView(View):
-        async def post(self, request: Request, reservation_id: str) -> Response:
-            routed = await route_reservation(self, request, reservation_id)
-            if routed is not None:
-                return routed
-            try:
-                body = await _body(request, '{"token_units": used}')
-                if "token_units" not in body:
-                    raise BadRequestError('token_units: required ({"token_units": used})')
-                amount = to_tu(body["token_units"])
-                event_id = _optional_str(body, "event_id")
-                outcome = service.commit(reservation_id, amount, event_id)
-            except QuotaError as exc:
-                return refuse(self, exc)
-            return reply(self, settlement_json(outcome))
-
-    @app.page("/v1/reservations/{reservation_id}", name="quota_release")
-    class ReleaseView(View):
-        async def delete(self, request: Request, reservation_id: str) -> Response:
-            routed = await route_reservation(self, request, reservation_id)
-            if routed is not None:
-                return routed
-            try:
-                outcome = service.release(reservation_id)
-            except QuotaError as exc:
-                return refuse(self, exc)
-            return reply(self, settlement_json(outcome))
+    def _commit(self, call: Call, raw: bytes) -> Reply:
+        if call.tenant_id is None or call.reservation_id is None:
+            raise ReservationNotFoundError(f"not a reservation id: {call.reservation_id!r}")
+        body = _body(raw, '{"token_units": used}')
+        if "token_units" not in body:
+            raise BadRequestError('token_units: required ({"token_units": used})')
+        amount = to_tu(body["token_units"])
+        event_id = _optional_str(body, "event_id")
+        return Reply(
+            200, settlement_body(self.service.commit(call.reservation_id, amount, event_id))
+        )

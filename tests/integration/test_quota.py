@@ -241,6 +241,19 @@ def test_alerts_exactly_once_across_sigkills(harness: Harness) -> None:
     assert len(watched) == 3
 
 
+def scrape(h: Harness) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """GET /metrics, parsed: {(sample name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{h.port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
 def test_http_errors_are_clear(harness: Harness) -> None:
     h = harness
     h.cli("quota", "set", "--tenant", "tn-quota-err", "--period", "day", "--limit-tu", "10")
@@ -267,6 +280,24 @@ def test_http_errors_are_clear(harness: Harness) -> None:
     status, body = call("POST", f"/v1/reservations/{rid}/commit", b'{"token_units": 1}')
     assert status == 409 and "released" in body["error"]
     assert call("DELETE", "/v1/reservations/rsv_nope", None)[0] == 404
+    # /metrics counts what the quota server answered (it reports every half second)
+    name = "tokenmeter_quota_request_duration_seconds"
+    deadline = time.monotonic() + 10
+    while True:
+        samples = scrape(h)
+        outcomes = {
+            o: samples[("tokenmeter_quota_reservations_total", (("outcome", o),))]
+            for o in ("granted", "partial", "denied", "error")
+        }
+        calls = {c: samples[(f"{name}_count", (("call", c),))] for c in ("reserve", "commit")}
+        releases = samples[(f"{name}_count", (("call", "release"),))]
+        if releases == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert outcomes == {"granted": 1, "partial": 0, "denied": 0, "error": 2}
+    assert calls == {"reserve": 3, "commit": 1} and releases == 2
+    assert samples[(f"{name}_bucket", (("call", "reserve"), ("le", "+Inf")))] == 3
+    assert samples[(f"{name}_count", (("call", "status"),))] >= 1
     h.cli("quota", "delete", "--tenant", "tn-quota-err")
     deadline = time.monotonic() + 10
     while call("GET", "/v1/quotas/tn-quota-err", None)[0] != 404:

@@ -25,6 +25,7 @@ from pipeline.metering.quota import (
     ReservationSettledError,
     crossing_id,
 )
+from pipeline.metrics import WorkerMetrics
 from pipeline.quota.definitions import DefinitionChange, decode_definition, encode_definition
 from pipeline.quota.service import (
     NotReadyError,
@@ -371,6 +372,7 @@ def test_webhooks_are_signed_retried_and_recorded(
     secret = "a-webhook-secret-of-some-length"
     monkeypatch.setenv("TM_TEST_HOOK_SECRET", secret)
     received: list[tuple[bytes, dict[str, str]]] = []
+    metrics = WorkerMetrics()
 
     async def handler(request: web.Request) -> web.Response:
         received.append((await request.read(), dict(request.headers)))
@@ -390,7 +392,9 @@ def test_webhooks_are_signed_retried_and_recorded(
             f"  - {{name: ops, url: 'http://127.0.0.1:{port}/hook', "
             "secret_env: TM_TEST_HOOK_SECRET, backoff_s: 0.05, kinds: [exhausted]}\n"
         )
-        service = make_service(warehouse_settings, wh, tmp_path, clock, webhooks_path=hooks)
+        service = make_service(
+            warehouse_settings, wh, tmp_path, clock, webhooks_path=hooks, metrics=metrics
+        )
         assert "a-webhook" not in repr(service.webhooks)
         service.apply_definition(definition("tn-w", limit=10))
         await service.start()
@@ -418,6 +422,14 @@ def test_webhooks_are_signed_retried_and_recorded(
         (1, "retry", 503),
         (2, "ok", 204),
     ]
+    # and counted for /metrics, by outcome
+    counted = {
+        outcome: metrics.registry.get_sample_value(
+            "tokenmeter_webhook_deliveries_total", {"outcome": outcome}
+        )
+        for outcome in ("ok", "retry", "failed")
+    }
+    assert counted == {"ok": 1, "retry": 1, "failed": 0}
 
 
 def test_webhook_file_errors(tmp_path: Path) -> None:
