@@ -29,7 +29,13 @@ from pipeline.metering.pricing import load_cards
 from pipeline.produce import DeliveryError, producer_config
 from pipeline.serde import AvroCodec, DecodeError
 from pipeline.settings import Settings
-from pipeline.stages.ingest import DeadLetter, IngestStage, RawMessage, dead_letter_for
+from pipeline.stages.ingest import (
+    DeadLetter,
+    IngestStage,
+    RawMessage,
+    dead_letter_for,
+    first_copies,
+)
 from pipeline.stages.rate import RateStage
 from pipeline.stages.sink import Sink, ingested_now
 from pipeline.stages.window import GRAINS, corrections_table, rollup_table
@@ -287,8 +293,9 @@ class Pipeline:
         """Mirror dead-letter records into ``dead_letters``, exactly once.
 
         A record's identity is its *source* position; records of one source partition
-        arrive in order, so the sink's marks per source (topic, partition) drop the
-        copies a replayed upstream batch sent again. Returns rows inserted."""
+        arrive in order, so ``first_copies`` (within this batch) and the sink's marks per
+        source (topic, partition; across batches) drop the copies a replayed upstream
+        batch sent again. Returns rows inserted."""
         letters = []
         for msg in messages:
             try:
@@ -316,6 +323,7 @@ class Pipeline:
                     event_time_ms=rec["event_time"],
                 )
             )
+        letters = first_copies(letters)
         if not letters:
             return 0
         table = dead_letters_table(letters, ingested_now())
