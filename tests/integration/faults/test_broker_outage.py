@@ -65,6 +65,7 @@ def _follow(proc: subprocess.Popen[str], lines: list[str]) -> threading.Thread:
     return reader
 
 
+@pytest.mark.long
 def test_broker_outage_spools_and_recovers_exactly(tmp_path: Path) -> None:
     port = free_port()
     broker = load_settings(

@@ -32,6 +32,7 @@ PHASE_S = 30  # each of the two faults
 RSS_BOUND = 1 << 30  # the worker's memory while the sink is down stays under 1 GiB
 
 
+@pytest.mark.long
 def test_sink_failure_holds_offsets_and_recovers(harness: Harness, tmp_path: Path) -> None:
     h = harness
     switch = tmp_path / "warehouse-down"

@@ -160,6 +160,7 @@ def _run_with_kills(harness: Harness, tmp_path: Path, events: int, kills: int) -
     assert reached_any == set(THRESHOLDS), "the quotas should exercise every threshold"
 
 
+@pytest.mark.long
 def test_ten_sigkills_leave_exact_totals(harness: Harness, tmp_path: Path) -> None:
     _run_with_kills(harness, tmp_path, events=100_000, kills=10)
 
