@@ -28,9 +28,12 @@ unit: setup
 
 ## bench: end-to-end benchmark on its own broker: pipeline vs ceiling vs naive faust, latency
 ##        (BENCH_EVENTS events, default 200000; JSON + logs in bench-results/, a table on stdout)
+##        BENCH_ARGS passes options on, e.g. the 10 % garbage mix:
+##        make bench BENCH_ARGS="--bad-rate 0.10 --skip ceiling naive latency"
 BENCH_EVENTS ?= 200000
+BENCH_ARGS ?=
 bench: setup
-	BENCH_EVENTS=$(BENCH_EVENTS) $(BIN)/python scripts/run_tests.py --bench
+	BENCH_EVENTS=$(BENCH_EVENTS) $(BIN)/python scripts/run_tests.py --bench $(BENCH_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .

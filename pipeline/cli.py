@@ -211,6 +211,13 @@ def simulate(
     late_share: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Live mode: share reported 10-60 min late.")
     ] = 0.0,
+    rate: Annotated[
+        float | None,
+        typer.Option(
+            min=1.0,
+            help="Send at most this many messages per second (default: as fast as possible).",
+        ),
+    ] = None,
     recon_calls: Annotated[
         int,
         typer.Option(
@@ -255,6 +262,7 @@ def simulate(
             late_share=late_share,
             recon_calls=recon_calls,
             recon_faults=faults,
+            send_rate=rate,
         )
     except ValueError as exc:
         if not recon_calls:
@@ -268,6 +276,12 @@ def simulate(
     summary.add_row("exact duplicates", f"{result['exact_duplicates']:,}")
     summary.add_row("bad", f"{result['dead_letters_total']:,}")
     summary.add_row("rate", f"{result['rate']:,.0f} msg/s")
+    if result["spooled"]:
+        summary.add_row("spooled (Kafka unreachable)", f"{result['spooled']:,}")
+        left = result["spool_left"]
+        summary.add_row(
+            "still in the spool", f"{left:,}" + (" (`tokenmeter spool drain`)" if left else "")
+        )
     if "recon" in result:
         recon = result["recon"]
         summary.add_row("cross-carrier calls", f"{recon['calls']:,} ({recon['records']:,} reports)")

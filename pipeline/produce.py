@@ -123,6 +123,12 @@ class UsageProducer:
         self.codec = codec or AvroCodec()
         self.rules = rules or Rules()
         self._tally = _Tally()
+        # While the spool holds messages, newer ones wait behind them (in memory until
+        # the next flush, then on disk) so that nothing overtakes what was spooled:
+        # Kafka then receives one producer's messages in the order they were sent, as
+        # the worker's "first copy wins" rule for conflicting duplicates assumes.
+        self._held: list[tuple[bytes | None, bytes]] = []
+        self._behind_spool = spool is not None and bool(spool.segments())
 
     @classmethod
     def from_settings(cls, settings: Settings, **config: Any) -> UsageProducer:
@@ -180,6 +186,9 @@ class UsageProducer:
 
     def send_raw(self, key: bytes | None, value: bytes) -> None:
         """Send bytes as they are (used by the simulator for deliberately bad input)."""
+        if self._behind_spool:
+            self._held.append((key, value))
+            return
         while True:
             try:
                 self._producer.produce(
@@ -198,6 +207,17 @@ class UsageProducer:
         it is re-sent by ``drain`` once the broker answers. Without one, or for failures
         that waiting cannot fix (e.g. a message too large), raises ``DeliveryError``."""
         self.drain()
+        if self._behind_spool:
+            if self.spool is not None and self.spool.segments():
+                held, self._held = self._held, []
+                if held:  # still behind the spool: the held messages join it, in order
+                    self.spool.append(held)
+                    self._tally.spooled += len(held)
+            else:  # drained: the held messages go out now, after everything spooled
+                self._behind_spool = False
+                held, self._held = self._held, []
+                for key, value in held:
+                    self.send_raw(key, value)
         wait = min(timeout, self.spool_after_s) if self.spool is not None else timeout
         remaining = self._producer.flush(wait)
         if remaining and self.spool is not None:
@@ -213,6 +233,7 @@ class UsageProducer:
         if keep and self.spool is not None:
             self.spool.append(keep)
             self._tally.spooled += len(keep)
+            self._behind_spool = True
         if remaining:
             failures.append(f"{remaining} message(s) still queued after {timeout:.0f} s")
         if failures:

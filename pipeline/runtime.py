@@ -29,7 +29,13 @@ from pipeline.metering.pricing import load_cards
 from pipeline.produce import DeliveryError, producer_config
 from pipeline.serde import AvroCodec, DecodeError
 from pipeline.settings import Settings
-from pipeline.stages.ingest import DeadLetter, IngestStage, RawMessage, dead_letter_for
+from pipeline.stages.ingest import (
+    DeadLetter,
+    IngestStage,
+    RawMessage,
+    dead_letter_for,
+    first_copies,
+)
 from pipeline.stages.rate import RateStage
 from pipeline.stages.sink import Sink, ingested_now
 from pipeline.stages.window import GRAINS, corrections_table, rollup_table
@@ -50,13 +56,43 @@ CORRECTIONS_TABLE = "usage_corrections"
 # Written in this order; usage_events last, so a stored event implies stored rollups.
 ROLLUP_TABLES = (*GRAINS, CORRECTIONS_TABLE)
 
-# Chinese mobile numbers; a raw payload kept for a dead letter has them pseudonymised.
-_PHONE = re.compile(rb"(?<!\d)1[3-9]\d{9}(?!\d)")
+# Chinese mobile numbers, also behind the country code (+86, 0086, 86); a raw payload kept
+# for a dead letter has them pseudonymised. No digit boundaries: in Avro bytes the next
+# field's length or text may be a digit, and a longer digit run that happens to contain
+# such a number is better over-redacted than leaked (found by the hostile-input fuzz).
+_PHONE = re.compile(rb"(?:\+?86|0086)?(1[3-9]\d{9})")
 
 
 def redact_phone_numbers(payload: bytes, key: bytes) -> bytes:
-    """Replace anything that looks like a mobile number by its pseudonym."""
-    return _PHONE.sub(lambda m: pseudonymise(m.group().decode(), key).encode(), payload)
+    """Replace anything that looks like a mobile number (with its country code, if any)
+    by the pseudonym of the 11-digit number."""
+    return _PHONE.sub(lambda m: pseudonymise(m.group(1).decode(), key).encode(), payload)
+
+
+# A dead letter is one Kafka message, and librdkafka refuses a message over its
+# message.max.bytes (1,000,000 by default) at once: a batch with such a letter could never
+# be stored, and the worker would stop on it at every replay. An input near the usage
+# topic's own limit, or one whose JSON form is longer than its Avro (a NUL is one byte in
+# Avro and six in JSON), would not fit, so a longer payload is cut to this many bytes.
+MAX_DEAD_LETTER_PAYLOAD = 900_000
+
+
+def prepare_dead_letter(letter: DeadLetter, key: bytes) -> DeadLetter:
+    """Make ``letter`` ready for the dead-letter topic, in place: the phone numbers of a
+    raw payload pseudonymised, and a payload over ``MAX_DEAD_LETTER_PAYLOAD`` bytes cut to
+    that, which its detail then says (the whole input stays at its source position)."""
+    raw = letter.payload_format == "raw"
+    if raw:
+        letter.payload = redact_phone_numbers(letter.payload, key)
+    size = len(letter.payload)
+    if size > MAX_DEAD_LETTER_PAYLOAD:
+        letter.payload = letter.payload[:MAX_DEAD_LETTER_PAYLOAD]
+        if raw:  # the cut may have left the first 11 digits of a longer number
+            letter.payload = redact_phone_numbers(letter.payload, key)
+        letter.detail += (
+            f" (payload cut to its first {MAX_DEAD_LETTER_PAYLOAD:,} of {size:,} bytes)"
+        )
+    return letter
 
 
 @dataclass
@@ -246,6 +282,10 @@ class Pipeline:
             if self.quota is not None:
                 self.quota.on_rated_batch(rated)
         if result.dead_letters:
+            # In source order: the unpriced letters came after the batch's other letters,
+            # and the mirror takes a letter at or below an offset it has already seen from
+            # that source partition for a copy (``first_copies``, the sink's marks).
+            result.dead_letters.sort(key=lambda d: (d.topic, d.partition, d.offset))
             self.send_dead_letters(result.dead_letters)
             report.dead_letters.update(d.reason for d in result.dead_letters)
         report.seconds = time.monotonic() - started
@@ -265,8 +305,7 @@ class Pipeline:
                 failures.append(str(err))
 
         for letter in letters:
-            if letter.payload_format == "raw":
-                letter.payload = redact_phone_numbers(letter.payload, self.key)
+            prepare_dead_letter(letter, self.key)
             key = f"{letter.topic}:{letter.partition}".encode()
             while True:
                 try:
@@ -287,8 +326,9 @@ class Pipeline:
         """Mirror dead-letter records into ``dead_letters``, exactly once.
 
         A record's identity is its *source* position; records of one source partition
-        arrive in order, so the sink's marks per source (topic, partition) drop the
-        copies a replayed upstream batch sent again. Returns rows inserted."""
+        arrive in order, so ``first_copies`` (within this batch) and the sink's marks per
+        source (topic, partition; across batches) drop the copies a replayed upstream
+        batch sent again. Returns rows inserted."""
         letters = []
         for msg in messages:
             try:
@@ -316,6 +356,7 @@ class Pipeline:
                     event_time_ms=rec["event_time"],
                 )
             )
+        letters = first_copies(letters)
         if not letters:
             return 0
         table = dead_letters_table(letters, ingested_now())
@@ -366,4 +407,4 @@ def _letter_from_rejection(msg: RawMessage, rejection: Rejection) -> DeadLetter:
     )
 
 
-__all__ = ["BatchReport", "Pipeline", "Reason", "redact_phone_numbers"]
+__all__ = ["BatchReport", "Pipeline", "Reason", "prepare_dead_letter", "redact_phone_numbers"]

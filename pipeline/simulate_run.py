@@ -35,6 +35,7 @@ def run_simulation(
     late_share: float = 0.0,
     recon_calls: int = 0,
     recon_faults: ReconFaults | None = None,
+    send_rate: float | None = None,
 ) -> dict[str, Any]:
     """Generate and send ``events`` messages; write the truth file if asked. Returns the
     truth as a dict plus ``rate`` (messages/s).
@@ -44,6 +45,12 @@ def run_simulation(
     (``pipeline.simulate_recon``); the truth file then also holds their exact expected
     ``recon_summary`` counts under ``"recon"`` (the stream's own cross-carrier calls
     count there as ``matched``). The ValueError of an impossible fault spec propagates.
+
+    ``send_rate`` paces sending to that many messages per second, as a fleet of
+    gateways would. Everything sent is flushed every ``FLUSH_EVERY`` messages, so a
+    long run survives a broker outage the way a gateway does: what Kafka does not
+    acknowledge within the spool deadline goes to the producer's spool on disk and is
+    re-sent by a later flush once the broker answers.
     """
     producer = UsageProducer.from_settings(settings)
     start_ms = now_ms()
@@ -70,14 +77,17 @@ def run_simulation(
     )
     with progress:
         task = progress.add_task("simulate", total=events)
+        pace = Pacer(send_rate)
         for i, msg in enumerate(sim.messages(events, dup_rate=dup_rate, bad_rate=bad_rate), 1):
+            pace.wait(i)
             if msg.kind in ("valid", "duplicate") and msg.record is not None:
                 producer.send_record(msg.record)
                 if recon is not None and msg.kind == "valid" and msg.record.get("transaction_id"):
                     cross.append(msg.record)
             else:
                 producer.send_raw(msg.key, msg.value)
-            if i % 5000 == 0:
+            if i % FLUSH_EVERY == 0:
+                producer.flush()
                 progress.update(task, completed=i)
         progress.update(task, completed=events)
         if recon is not None:
@@ -94,9 +104,30 @@ def run_simulation(
             write_recon_truth(recon.truth, truth_path)
     result = sim.truth.to_json()
     result["rate"] = sim.truth.messages / elapsed if elapsed > 0 else float(events)
+    result["spooled"] = producer.spooled
+    result["spool_left"] = len(producer.spool) if producer.spool is not None else 0
     if recon is not None:
         result["recon"] = recon.truth.to_json()
     return result
+
+
+FLUSH_EVERY = 5000
+
+
+class Pacer:
+    """Sleeps so that message ``i`` (1-based) leaves no earlier than ``i / rate`` s after
+    the first; no pacing without a rate."""
+
+    def __init__(self, rate: float | None) -> None:
+        self.rate = rate
+        self.start = time.monotonic()
+
+    def wait(self, i: int) -> None:
+        if self.rate is None or i % 100:
+            return  # checking every 100 messages keeps pacing cheap and smooth enough
+        ahead = self.start + i / self.rate - time.monotonic()
+        if ahead > 0:
+            time.sleep(ahead)
 
 
 @dataclass(frozen=True)

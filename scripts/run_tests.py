@@ -47,7 +47,16 @@ def main() -> int:
             cmd = [sys.executable, "tests/perf/bench_pipeline.py", "--events", events]
             cmd += ["--out", str(out), *extra]
         else:
-            cmd = [sys.executable, "-m", "pytest", "tests", "-m", "not slow", *extra]
+            # Parallel pytest processes: much of an integration test is waiting (a worker
+            # starting, an outage lasting its 30 or 60 s), which the others fill.
+            # One file stays on one process (--dist loadfile); each test has its own
+            # topics, consumer group, data directory and ports, so they never meet.
+            # Tests marked `long` come first (tests/conftest.py), one per process.
+            workers = os.environ.get("TOKENMETER_TEST_PROCESSES", "3")
+            cmd = [sys.executable, "-m", "pytest", "tests", "-m", "not slow"]
+            if workers not in ("0", "1"):
+                cmd += ["-n", workers, "--dist", "loadfile", "--no-loadscope-reorder"]
+            cmd += extra
         return subprocess.run(cmd, env=env, cwd=ROOT).returncode
     finally:
         print("== stopping the test Kafka broker", flush=True)

@@ -52,3 +52,10 @@ def data_dir(tmp_path: Path) -> Path:
     path = tmp_path / "data"
     path.mkdir()
     return path
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``long`` (the fault runs of minutes each) first, so that `make test`'s
+    parallel processes (``--dist loadfile --no-loadscope-reorder``) each start on one of
+    them instead of finding them queued behind each other at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)

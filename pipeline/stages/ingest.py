@@ -187,3 +187,25 @@ class IngestStage:
                 )
                 result.dead_letters.append(dead_letter_for(msg, rejection, record))
         return result
+
+
+def first_copies(letters: list[DeadLetter]) -> list[DeadLetter]:
+    """The letters of a batch read back from the dead-letter topic, without the copies a
+    replayed upstream batch sent again.
+
+    One source partition's letters share one dead-letter partition (keyed by source
+    position), so they arrive in source order, and a copy always comes after letters
+    at a later or equal source offset: keep a letter only if its source offset is above
+    every offset of its source already kept in this batch. (The sink's marks drop the
+    copies of what earlier batches stored; this drops those within one batch. A copy
+    within one batch made ``dead_letters`` count a letter twice after a SIGKILL:
+    tests/integration/faults/test_worker_kills.py.)"""
+    highest: dict[tuple[str, int], int] = {}
+    kept = []
+    for letter in letters:
+        pos = (letter.topic, letter.partition)
+        if letter.offset <= highest.get(pos, -1):
+            continue
+        highest[pos] = letter.offset
+        kept.append(letter)
+    return kept

@@ -57,6 +57,8 @@ class Harness:
             kafka_bootstrap=bootstrap,
             topic_usage=self.env["TOKENMETER_TOPIC_USAGE"],
             topic_dead_letters=self.env["TOKENMETER_TOPIC_DEAD_LETTERS"],
+            topic_quota_events=self.env["TOKENMETER_TOPIC_QUOTA_EVENTS"],
+            consumer_group=self.env["TOKENMETER_CONSUMER_GROUP"],
         )
         topics = [usage_events(self.settings), dead_letters(self.settings)]
         ensure_topics(self.settings, {t.name: t.config for t in topics}, partitions=4)

@@ -281,3 +281,20 @@ def test_every_message_has_exactly_one_outcome(values: list[Any]) -> None:
         assert dl.reason in {r.value for r in Reason}
         if dl.payload_format == "json":
             assert PHONE.encode() not in dl.payload
+
+
+def test_copies_resent_by_a_replayed_batch_are_dropped_within_a_batch() -> None:
+    from pipeline.stages.ingest import DeadLetter, first_copies
+
+    def letter(partition: int, offset: int) -> DeadLetter:
+        return DeadLetter("bad_json", "decode", "x", b"", "raw", "usage", partition, offset, 0)
+
+    # worker A sent letters for offsets 50 and 95 of partition 1 and 7 of partition 2,
+    # died before committing; worker B replayed and sent 50 and 95 again; then 120 is new
+    batch = [letter(1, 50), letter(2, 7), letter(1, 95), letter(1, 50), letter(1, 95)]
+    batch += [letter(2, 7), letter(1, 120)]
+    kept = first_copies(batch)
+    assert [(d.partition, d.offset) for d in kept] == [(1, 50), (2, 7), (1, 95), (1, 120)]
+    # A died after sending only 50: B's 50 is a copy, B's 95 is not
+    kept = first_copies([letter(1, 50), letter(1, 50), letter(1, 95)])
+    assert [d.offset for d in kept] == [50, 95]
