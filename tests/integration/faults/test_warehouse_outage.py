@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from confluent_kafka import KafkaException
 
 from pipeline.lag import LagReader
 from pipeline.warehouse.faults import release_directories
@@ -53,8 +54,17 @@ def test_sink_failure_holds_offsets_and_recovers(harness: Harness, tmp_path: Pat
     def committed() -> int:
         return sum(p.committed for p in reader.read() if p.topic == h.settings.topic_usage)
 
+    def committed_yet() -> int:
+        try:
+            return committed()
+        except KafkaException:  # the group's coordinator is not ready yet
+            return 0
+
     try:
-        time.sleep(8)  # some batches stored and committed first
+        deadline = time.monotonic() + 120
+        while committed_yet() <= 0:  # some batches stored and committed first
+            assert time.monotonic() < deadline, h.log_tail()
+            time.sleep(0.5)
         switch.write_text("")  # phase 1: the warehouse layer refuses every insert
         started = time.monotonic()
         time.sleep(3)  # a batch already past its writes may still commit
