@@ -90,6 +90,27 @@ class Harness:
         out = self.cli("sql", "--format", "json", query).stdout
         return [json.loads(line) for line in out.splitlines() if line.strip()]
 
+    def token_sums(self, where: str = "") -> dict[str, int]:
+        """The four token sums over ``usage_events`` (``where``: an optional filter), keyed
+        like a truth file's ``tokens``."""
+        row = self.sql(
+            "SELECT sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens, "
+            "sum(cached_tokens) AS cached_tokens, sum(reasoning_tokens) AS reasoning_tokens "
+            "FROM usage_events" + (f" WHERE {where}" if where else "")
+        )[0]
+        return {k: int(v) for k, v in row.items()}
+
+    def spawn_cli(self, *args: str) -> subprocess.Popen[str]:
+        """Start `tokenmeter ARGS` in the background; its output (text) on ``stdout``."""
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", *args],
+            env=self.env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
     def scalar(self, query: str) -> Any:
         rows = self.sql(query)
         assert len(rows) == 1 and len(rows[0]) == 1, rows

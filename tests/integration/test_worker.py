@@ -30,12 +30,7 @@ def _assert_matches_truth(h: Harness, truth: dict) -> None:
         )
         == 0
     )
-    sums = h.sql(
-        "SELECT sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens, "
-        "sum(cached_tokens) AS cached_tokens, sum(reasoning_tokens) AS reasoning_tokens "
-        "FROM usage_events"
-    )[0]
-    assert {k: int(v) for k, v in sums.items()} == truth["tokens"]
+    assert h.token_sums() == truth["tokens"]
     by_carrier = {
         r["c"]: int(r["n"])
         for r in h.sql("SELECT reporting_carrier AS c, count() AS n FROM usage_events GROUP BY c")

@@ -84,11 +84,9 @@ def test_broker_outage_spools_and_recovers_exactly(tmp_path: Path) -> None:
     try:
         h.start_worker()
         worker_pid = h.worker.pid if h.worker else None
-        sim = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "simulate", "--events", str(EVENTS),
-             "--rate", str(RATE), "--seed", "31", "--dup-rate", "0.05", "--bad-rate", "0.01",
-             "--truth", str(truth_path)],
-            env=h.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        sim = h.spawn_cli(
+            "simulate", "--events", str(EVENTS), "--rate", str(RATE), "--seed", "31",
+            "--dup-rate", "0.05", "--bad-rate", "0.01", "--truth", str(truth_path),
         )  # fmt: skip
         sim_out: list[str] = []
         _follow(sim, sim_out)
@@ -133,12 +131,7 @@ def test_broker_outage_spools_and_recovers_exactly(tmp_path: Path) -> None:
         truth = json.loads(truth_path.read_text())
         sim_events = h.scalar("SELECT count() FROM usage_events WHERE source_id != 'gw-outage'")
         assert sim_events == truth["unique_valid"]
-        sums = h.sql(
-            "SELECT sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens, "
-            "sum(cached_tokens) AS cached_tokens, sum(reasoning_tokens) AS reasoning_tokens "
-            "FROM usage_events WHERE source_id != 'gw-outage'"
-        )[0]
-        assert {k: int(v) for k, v in sums.items()} == truth["tokens"]
+        assert h.token_sums("source_id != 'gw-outage'") == truth["tokens"]
         # Every rejected input has its dead letter. A rejected message whose first send
         # reached Kafka unacknowledged is sent again from the spool and rejected again:
         # that copy is its own input (same payload, another position), so count payloads

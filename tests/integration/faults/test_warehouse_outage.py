@@ -12,8 +12,6 @@ duplicates, 2 % bad).
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,7 +21,7 @@ from confluent_kafka import KafkaException
 
 from pipeline.lag import LagReader
 from pipeline.warehouse.faults import release_directories
-from tests.integration.harness import ROOT, Harness
+from tests.integration.harness import Harness
 
 pytestmark = pytest.mark.integration
 
@@ -43,11 +41,9 @@ def test_sink_failure_holds_offsets_and_recovers(harness: Harness, tmp_path: Pat
     assert h.worker is not None
     worker = psutil.Process(h.worker.pid)
     truth_path = tmp_path / "truth.json"
-    sim = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "simulate", "--events", str(EVENTS),
-         "--rate", str(RATE), "--seed", "22", "--dup-rate", "0.05", "--bad-rate", "0.02",
-         "--truth", str(truth_path)],
-        env=h.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    sim = h.spawn_cli(
+        "simulate", "--events", str(EVENTS), "--rate", str(RATE), "--seed", "22",
+        "--dup-rate", "0.05", "--bad-rate", "0.02", "--truth", str(truth_path),
     )  # fmt: skip
     reader = LagReader(h.settings)
 
@@ -103,12 +99,7 @@ def test_sink_failure_holds_offsets_and_recovers(harness: Harness, tmp_path: Pat
 
     truth = json.loads(truth_path.read_text())
     assert h.scalar("SELECT count() FROM usage_events") == truth["unique_valid"]
-    sums = h.sql(
-        "SELECT sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens, "
-        "sum(cached_tokens) AS cached_tokens, sum(reasoning_tokens) AS reasoning_tokens "
-        "FROM usage_events"
-    )[0]
-    assert {k: int(v) for k, v in sums.items()} == truth["tokens"]
+    assert h.token_sums() == truth["tokens"]
     reasons = {
         r["reason"]: int(r["n"])
         for r in h.sql("SELECT reason, count() AS n FROM dead_letters GROUP BY reason")

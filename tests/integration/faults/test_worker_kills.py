@@ -92,12 +92,7 @@ def _run_with_kills(harness: Harness, tmp_path: Path, events: int, kills: int) -
 
     # usage_events, rated_usage and the rollups equal the truth
     assert h.scalar("SELECT count() FROM usage_events") == truth["unique_valid"]
-    sums = h.sql(
-        "SELECT sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens, "
-        "sum(cached_tokens) AS cached_tokens, sum(reasoning_tokens) AS reasoning_tokens "
-        "FROM usage_events"
-    )[0]
-    assert {k: int(v) for k, v in sums.items()} == truth["tokens"]
+    assert h.token_sums() == truth["tokens"]
     per_tenant = {
         r["tenant_id"]: int(r["n"])
         for r in h.sql("SELECT tenant_id, count() AS n FROM usage_events GROUP BY tenant_id")
