@@ -226,8 +226,7 @@ class Worker:
         async def on_revoked(
             sender: Any, /, *args: Any, signal: BaseSignalT[Any], **kwargs: Any
         ) -> None:
-            revoked: set[Any] = args[0] if args else kwargs.get("revoked", set())
-            parts = [tp.partition for tp in revoked if tp.topic == s.topic_usage]
+            parts = usage_partitions(s, args, kwargs, "revoked")
             if parts and self._pipeline is not None:
                 self.quota.on_partitions_revoked(parts)
                 await self.on_pipeline(self.pipeline.release_usage_partitions, parts)
@@ -236,8 +235,7 @@ class Worker:
         async def on_assigned(
             sender: Any, /, *args: Any, signal: BaseSignalT[Any], **kwargs: Any
         ) -> None:
-            assigned: set[Any] = args[0] if args else kwargs.get("assigned", set())
-            parts = [tp.partition for tp in assigned if tp.topic == s.topic_usage]
+            parts = usage_partitions(s, args, kwargs, "assigned")
             if parts and self._pipeline is not None:
                 await self.quota.on_partitions_assigned(parts)
             self._send_routes()
@@ -312,6 +310,15 @@ class Worker:
             self._pipeline = None
         self.executor.shutdown(wait=True)
         self.quota_server.close()
+
+
+def usage_partitions(
+    s: Settings, args: tuple[Any, ...], kwargs: dict[str, Any], name: str
+) -> list[int]:
+    """The usage topic's partitions in a rebalance signal's ``revoked``/``assigned`` set
+    (positional or by keyword, as faust sends it)."""
+    tps: set[Any] = args[0] if args else kwargs.get(name, set())
+    return [tp.partition for tp in tps if tp.topic == s.topic_usage]
 
 
 def run_worker(settings: Settings, loglevel: str = "info") -> int:

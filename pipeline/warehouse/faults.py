@@ -55,10 +55,15 @@ ENGINE = "engine"
 _SETTING = "parts_to_throw_insert"
 
 
+def armed_list(switch: Path) -> Path:
+    """Where an ``engine`` fault records what it did, beside the switch."""
+    return switch.with_name(switch.name + ".armed")
+
+
 def release_directories(switch: Path) -> None:
     """Undo an ``engine`` fault's immutable flags without a warehouse (for a test's
     clean-up after the worker is gone); settings-mode faults wait for the next worker."""
-    armed = switch.with_name(switch.name + ".armed")
+    armed = armed_list(switch)
     if not armed.exists():
         return
     how, *items = armed.read_text().splitlines()
@@ -76,7 +81,7 @@ class FaultSwitchWarehouse:
     def __init__(self, inner: Warehouse, switch: Path) -> None:
         self.inner = inner
         self.switch = switch
-        self.armed_list = switch.with_name(switch.name + ".armed")
+        self.armed_list = armed_list(switch)
         self.kind = inner.kind
         self.location = inner.location
         if self._mode() != ENGINE:

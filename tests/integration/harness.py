@@ -100,6 +100,11 @@ class Harness:
         )[0]
         return {k: int(v) for k, v in row.items()}
 
+    def dead_letter_reasons(self) -> dict[str, int]:
+        """Rows of ``dead_letters`` per reason, keyed like a truth file's ``dead_letters``."""
+        rows = self.sql("SELECT reason, count() AS n FROM dead_letters GROUP BY reason")
+        return {r["reason"]: int(r["n"]) for r in rows}
+
     def spawn_cli(self, *args: str) -> subprocess.Popen[str]:
         """Start `tokenmeter ARGS` in the background; its output (text) on ``stdout``."""
         return subprocess.Popen(

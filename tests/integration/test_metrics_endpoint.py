@@ -76,10 +76,7 @@ def test_metrics_equal_the_warehouse_after_a_simulated_run(
         time.sleep(0.5)
 
     stored = int(harness.scalar("SELECT count() FROM usage_events"))
-    stored_dead = {
-        r["reason"]: int(r["n"])
-        for r in harness.sql("SELECT reason, count() AS n FROM dead_letters GROUP BY reason")
-    }
+    stored_dead = harness.dead_letter_reasons()
     assert stored == truth["unique_valid"]
 
     # what the issue asks: accepted and dead-letter counters equal the warehouse counts

@@ -36,10 +36,7 @@ def _assert_matches_truth(h: Harness, truth: dict) -> None:
         for r in h.sql("SELECT reporting_carrier AS c, count() AS n FROM usage_events GROUP BY c")
     }
     assert by_carrier == {c: v["events"] for c, v in truth["by_reporting_carrier"].items()}
-    reasons = {
-        r["reason"]: int(r["n"])
-        for r in h.sql("SELECT reason, count() AS n FROM dead_letters GROUP BY reason")
-    }
+    reasons = h.dead_letter_reasons()
     assert reasons == truth["dead_letters"]
 
 

@@ -33,7 +33,7 @@ def count(wh: Warehouse) -> int:
 
 
 def armed_how(switch: Path) -> str:
-    armed = switch.with_name(switch.name + ".armed")
+    armed = faults.armed_list(switch)
     return armed.read_text().splitlines()[0] if armed.exists() else ""
 
 

@@ -100,10 +100,7 @@ def test_sink_failure_holds_offsets_and_recovers(harness: Harness, tmp_path: Pat
     truth = json.loads(truth_path.read_text())
     assert h.scalar("SELECT count() FROM usage_events") == truth["unique_valid"]
     assert h.token_sums() == truth["tokens"]
-    reasons = {
-        r["reason"]: int(r["n"])
-        for r in h.sql("SELECT reason, count() AS n FROM dead_letters GROUP BY reason")
-    }
+    reasons = h.dead_letter_reasons()
     assert reasons == truth["dead_letters"]
     rated = h.sql("SELECT count() AS events, sum(amount) AS amount FROM rated_usage")[0]
     for table in ("usage_minute", "usage_hour", "usage_day"):

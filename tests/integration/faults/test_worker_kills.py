@@ -98,10 +98,7 @@ def _run_with_kills(harness: Harness, tmp_path: Path, events: int, kills: int) -
         for r in h.sql("SELECT tenant_id, count() AS n FROM usage_events GROUP BY tenant_id")
     }
     assert per_tenant == {t: s["events"] for t, s in truth["by_tenant"].items()}
-    reasons = {
-        r["reason"]: int(r["n"])
-        for r in h.sql("SELECT reason, count() AS n FROM dead_letters GROUP BY reason")
-    }
+    reasons = h.dead_letter_reasons()
     assert reasons == truth["dead_letters"]
     rated = h.sql(
         "SELECT count() AS events, sum(token_units) AS tu, sum(amount) AS amount FROM rated_usage"
