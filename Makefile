@@ -4,6 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
+QUOTAD := $(BIN)/tokenmeter-quotad
+
 .PHONY: setup demo test unit integration bench lint clean
 
 $(STAMP): pyproject.toml
@@ -12,8 +14,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
-## setup: create .venv and install tokenmeter with its dev tools
-setup: $(STAMP)
+# the quota server (Go): the worker runs it from the virtualenv's bin
+$(QUOTAD): $(STAMP) $(wildcard quotad/*.go) quotad/go.mod quotad/go.sum
+	@command -v go >/dev/null || { echo "setup: Go 1.26 is needed to build the quota server (quotad/)"; exit 1; }
+	cd quotad && go build -trimpath -o ../$(QUOTAD) .
+
+## setup: create .venv, install tokenmeter with its dev tools, build the quota server
+setup: $(STAMP) $(QUOTAD)
 
 ## demo: local Kafka + embedded ClickHouse + worker + simulated traffic, then a summary
 demo: setup

@@ -14,7 +14,7 @@ the restart replays it, and the sink's offset marks keep the replay from countin
 anything twice.
 
 The web port (``TOKENMETER_WEB_HOST:TOKENMETER_WEB_PORT``) belongs to the quota server,
-a child process (``pipeline/quota/server.py``): it answers the quota calls itself and
+a child process (``quotad/``, Go; ``pipeline/quota/link.py``): it answers the quota calls itself and
 forwards every other path to faust's web server, which listens on a private port of
 127.0.0.1. The pipeline thread runs at ``TOKENMETER_PIPELINE_NICE``, below the quota
 server, so batch work never delays a reservation for long.

@@ -1,4 +1,5 @@
-"""`make test`: start a dedicated Kafka broker, run the whole test suite, stop the broker.
+"""`make test`: check the quota server's Go code (gofmt, go vet, go test), start a
+dedicated Kafka broker, run the whole test suite, stop the broker.
 
 The broker gets its own data directory (.tokenmeter-test/) and ports (19092/19093 by
 default), so a `tokenmeter demo` broker on 9092 is never touched. If the broker cannot
@@ -19,8 +20,27 @@ TEST_DATA = ROOT / ".tokenmeter-test"
 PORT = int(os.environ.get("TOKENMETER_TEST_KAFKA_PORT", "19092"))
 
 
+def check_quotad() -> bool:
+    """The quota server's Go code: formatted, vetted, its own tests passing."""
+    quotad = ROOT / "quotad"
+    print("== quota server (quotad/): gofmt, go vet, go test", flush=True)
+    unformatted = subprocess.run(
+        ["gofmt", "-l", "."], cwd=quotad, capture_output=True, text=True
+    ).stdout.split()
+    if unformatted:
+        print(f"== FAILED: gofmt would change {', '.join(unformatted)}", flush=True)
+        return False
+    for cmd in (["go", "vet", "./..."], ["go", "test", "./..."]):
+        if subprocess.run(cmd, cwd=quotad).returncode != 0:
+            print(f"== FAILED: {' '.join(cmd)} in quotad/", flush=True)
+            return False
+    return True
+
+
 def main() -> int:
     bench = "--bench" in sys.argv[1:]
+    if not bench and not check_quotad():
+        return 1
     extra = [a for a in sys.argv[1:] if a != "--bench"]
     env = dict(os.environ)
     env.update(

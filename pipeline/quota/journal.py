@@ -1,5 +1,9 @@
 """The reservation journal: open reservations survive a worker restart.
 
+The quota server (``quotad/journal.go``) keeps this file in production; this class is
+the Python reference's (``QuotaService`` without a quota server, in unit tests). Both
+read and write the same lines.
+
 Every reserve, commit and release is appended to a local file (one JSON line) before
 the HTTP answer goes out. The write goes to the operating system at once (no buffer in
 the process), so a killed worker (SIGKILL) loses nothing; a host crash can lose the
@@ -44,7 +48,6 @@ class Journal:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._fd: int | None = None
         self.lines = 0
-        self._held: list[str] | None = None  # see ``hold``
 
     def replay(self, now_ms: int) -> list[JournalHold]:
         """The holds still live at ``now_ms``; rewrites the file with only those."""
@@ -95,8 +98,6 @@ class Journal:
                 if h.pending:
                     fh.write(self._line_commit(h.id, h.amount, h.event_id, h.expires_ms))
         os.replace(tmp, self.path)
-        if self._held:
-            self._held = []  # their operations are in the ledgers, so in ``live``
         self.close()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self.lines = len(live)
@@ -124,25 +125,7 @@ class Journal:
             f'"e":{json.dumps(event_id)},"x":{expires_ms}}}\n'
         )
 
-    def hold(self) -> None:
-        """Keep lines in memory until ``flush`` (the quota server flushes before it sends
-        an answer: one write for the lines of every call answered since the last)."""
-        self._held = []
-
-    def flush(self) -> None:
-        """Write the held lines (no-op if none)."""
-        if self._held:
-            data = "".join(self._held)
-            self._held = []
-            if self._fd is None:
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            os.write(self._fd, data.encode())
-
     def _write(self, line: str) -> None:
-        if self._held is not None:
-            self._held.append(line)
-            self.lines += 1
-            return
         if self._fd is None:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         os.write(self._fd, line.encode())
@@ -160,7 +143,6 @@ class Journal:
         self._write(f'{{"o":"d","id":"{res_id}"}}\n')
 
     def close(self) -> None:
-        self.flush()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

@@ -1,15 +1,18 @@
-"""The worker's end of the quota server (``server.py``): spawn it, feed it, hear from it.
+"""The worker's end of the quota server (``quotad/``, a Go program): spawn it, feed it,
+hear from it.
 
 The worker and the quota server share a Unix socket pair. Each message is a 4-byte
-big-endian length and a pickled tuple (both ends are this code base, in one process
-tree: nothing else can write to the socket).
+big-endian length and a JSON array whose first element names it; amounts are exact
+decimal strings (``quotad/link.go`` reads and writes the other end).
 
-Worker -> server: the changes of the worker's ``QuotaService`` (``Replica`` in
-``service.py``: usage of stored batches, restored usage, definitions, partitions),
-``("routes", {partition: url})`` (which worker owns which usage partition), and
-``("ask", id, question)``. Server -> worker: ``("listening",)`` or ``("error", text)``
-once at start, ``("answer", id, value)``, and ``("stats", ...)`` deltas for the
-worker's Prometheus metrics every half second.
+Worker -> server: ``("config", {...})`` first (listening address, journal path,
+pseudonym key, pending TTL, priority), then the changes of the worker's
+``QuotaService`` (``Replica`` in ``service.py``: usage of stored batches, restored
+usage, definitions, partitions) in the order it made them, ``("routes", {partition:
+url})`` (which worker owns which usage partition) and ``("ask", id, question)``.
+Server -> worker: ``("listening",)`` or ``("error", text)`` once at start,
+``("answer", id, value)``, and ``("stats", ...)`` deltas for the worker's Prometheus
+metrics every half second.
 
 Sending never blocks the caller: messages go through a queue to a sender thread, in
 the order ``send`` was called. A receiver thread handles the answers. If the server
@@ -21,16 +24,19 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import os
-import pickle
 import queue
+import shutil
 import socket
 import struct
 import subprocess
 import sys
 import threading
 from collections.abc import Callable
+from decimal import Decimal
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.settings import Settings, SettingsError
@@ -41,11 +47,78 @@ if TYPE_CHECKING:
 log = logging.getLogger("tokenmeter.quota")
 
 _LEN = struct.Struct(">I")
+BINARY = "tokenmeter-quotad"
+
+
+def quota_server_binary() -> Path:
+    """The quota server program: next to this Python (``make setup`` builds it into the
+    virtualenv's ``bin``), else on ``PATH``. ``SettingsError`` when it is not built."""
+    beside = Path(sys.executable).parent / BINARY
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return beside
+    found = shutil.which(BINARY)
+    if found:
+        return Path(found)
+    raise SettingsError(
+        f"the quota server program {BINARY} is not built: run `make setup` "
+        "(it needs Go 1.26: `go version`), or put it on PATH"
+    )
+
+
+def _amount(value: Decimal) -> str:
+    return format(value, "f")
+
+
+def _encode(message: tuple[Any, ...]) -> list[Any]:
+    """A change of the worker's ``QuotaService`` as the JSON the server reads."""
+    kind = message[0]
+    if kind == "apply":
+        singles, sums = message[1], message[2]
+        return [
+            kind,
+            [
+                [i.tenant_id, i.subscriber_id, i.event_ms, _amount(i.tu), _amount(i.cny),
+                 i.event_id, i.partition]
+                for i in singles
+            ],
+            [
+                [tenant, part, day, month, _amount(s.tu), _amount(s.cny), s.event_ids]
+                for (tenant, part, day, month), s in sums.items()
+            ],
+        ]  # fmt: skip
+    if kind == "install":
+        parts, sub_keys, rows, landed = message[1:5]
+        return [
+            kind,
+            list(parts),
+            [[k.tenant_id, k.subscriber_id] for k in sub_keys],
+            [
+                [tenant, sub, part, day, _amount(Decimal(tu)), _amount(Decimal(cny))]
+                for tenant, sub, part, day, tu, cny in rows
+            ],
+            sorted(landed),
+        ]
+    if kind == "definition":
+        change = message[1]
+        d = change.definition
+        body = None
+        if d is not None:
+            body = {
+                "period": d.period,
+                "limit_tu": _amount(d.limit_tu),
+                "limit_cny": None if d.limit_cny is None else _amount(d.limit_cny),
+                "thresholds": [_amount(t) for t in d.thresholds],
+                "hard": d.hard,
+            }
+        return [kind, change.key, body]
+    if kind == "routes":
+        return [kind, {str(p): url for p, url in dict(message[1]).items()}]
+    return list(message)
 
 
 def frame(message: tuple[Any, ...]) -> bytes:
     """One message on the wire."""
-    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    data = json.dumps(_encode(message), separators=(",", ":")).encode()
     return _LEN.pack(len(data)) + data
 
 
@@ -63,8 +136,19 @@ def _read_exactly(sock: socket.socket, n: int) -> bytes:
 def read_frame(sock: socket.socket) -> tuple[Any, ...]:
     """The next message (blocking); ``EOFError`` when the other end is gone."""
     (size,) = _LEN.unpack(_read_exactly(sock, 4))
-    message: tuple[Any, ...] = pickle.loads(_read_exactly(sock, size))
-    return message
+    return tuple(json.loads(_read_exactly(sock, size)))
+
+
+def server_config(settings: Settings) -> dict[str, Any]:
+    """What the server needs of the settings (sent over the link: the key is secret)."""
+    return {
+        "web_host": settings.web_host,
+        "web_port": settings.web_port,
+        "journal": str(settings.data_path / "quota" / "reservations.jsonl"),
+        "pseudonym_key": settings.pseudonym_secret().hex(),
+        "pending_ttl_ms": 300_000,
+        "nice": settings.quota_server_nice,
+    }
 
 
 class QuotaServerProcess:
@@ -100,12 +184,11 @@ class QuotaServerProcess:
         ``SettingsError`` if it cannot (the port is taken, say). Call it from the
         thread that lives as long as the worker (the main thread): the server's
         ``PR_SET_PDEATHSIG`` fires when the thread that spawned it ends."""
+        program = quota_server_binary()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.proc = subprocess.Popen(
             [
-                sys.executable,
-                "-m",
-                "pipeline.quota.server",
+                str(program),
                 "--link-fd",
                 str(theirs.fileno()),
                 "--parent-pid",
@@ -118,6 +201,7 @@ class QuotaServerProcess:
         theirs.close()
         ours.settimeout(timeout_s)
         try:
+            ours.sendall(frame(("config", server_config(self.settings))))
             first = read_frame(ours)
         except (EOFError, TimeoutError, OSError) as exc:
             self._kill()

@@ -1,11 +1,24 @@
-"""The quota service: reservations, running usage and threshold alerts, in the worker.
+"""The quota service: running usage and threshold alerts in the worker; reservations
+in the quota server.
+
+Two processes
+-------------
+In the worker, the service keeps usage, definitions, thresholds, alerts and webhooks,
+and mirrors every change of usage, definitions and partitions to the quota server
+(``replica``: ``link.QuotaServerProcess``), in the order it makes them. The quota server
+(``quotad/``, a Go program) holds the reservations and their journal and answers the
+four HTTP calls; its ledgers follow the rules of ``pipeline/metering/quota.py``.
+
+Without a replica (unit tests), this service also does what the quota server does,
+with the ledgers of ``pipeline/metering/quota.py``: ``get``, ``reserve``, ``commit``,
+``release`` and the journal. That reference is what ``tests/unit/test_quota_parity.py``
+holds the Go server to, call for call.
 
 Threads and order
 -----------------
-Everything the HTTP calls touch lives in the worker's event loop and is changed only
-there, by plain synchronous methods (``get``, ``reserve``, ``commit``, ``release``):
-each call runs to completion before the next one starts, so "never past the limit"
-holds whatever the number of concurrent clients, without locks.
+Everything lives in the worker's event loop and is changed only there, by plain
+synchronous methods: each call runs to completion before the next one starts, so
+"never past the limit" holds whatever the number of concurrent clients, without locks.
 
 The pipeline thread reports usage: ``on_rated_batch(rated)`` is called after a batch's
 ``usage_events`` rows are stored. It sums the batch per tenant and Beijing day and
@@ -47,7 +60,6 @@ import binascii
 import contextlib
 import hashlib
 import itertools
-import json
 import logging
 import re
 import secrets
@@ -262,7 +274,6 @@ class QuotaService:
         kafka: bool = True,
         clock: Callable[[], int] = wall_clock_ms,
         replica: Replica | None = None,
-        follower: bool = False,
         metrics: WorkerMetrics | None = None,
     ) -> None:
         """``run_blocking(fn, *args)`` runs ``fn`` on the pipeline thread (the one that
@@ -271,12 +282,9 @@ class QuotaService:
         publishes nothing and reads no topic. ``partitions`` is the usage topic's
         partition count (read from Kafka at start when ``None``).
 
-        Two roles split the service between two processes in the worker
-        (``pipeline/quota/server.py``): with ``replica`` (the worker's side) it keeps
-        usage, definitions and alerts, holds no reservation and no journal, and mirrors
-        every change to the replica; with ``follower=True`` (the quota server's side) it
-        applies those changes (``on_replica_message``), holds the reservations and the
-        journal, and serves the four calls. Without either (tests), it does it all.
+        With ``replica`` (the worker) it keeps usage, definitions and alerts, holds no
+        reservation and no journal, and mirrors every change to the quota server.
+        Without one (unit tests) it also holds the reservations and the journal.
         ``metrics``: where webhook delivery attempts are counted."""
         self.settings = settings
         self._run = run_blocking
@@ -286,16 +294,10 @@ class QuotaService:
         self.clock = clock
         self.pending_ttl_ms = int(pending_ttl_s * 1000)
         self.replica = replica
-        self.follower = follower
-        # the follower publishes nothing: webhooks and alerts are the worker's
-        self.webhooks = (
-            []
-            if follower
-            else load_webhooks(
-                webhooks_path
-                if webhooks_path is not None
-                else settings.data_path / "quota_webhooks.yaml"
-            )
+        self.webhooks = load_webhooks(
+            webhooks_path
+            if webhooks_path is not None
+            else settings.data_path / "quota_webhooks.yaml"
         )
         self.journal: Journal | None = (
             None
@@ -637,7 +639,7 @@ class QuotaService:
             found = self.ledgers.get(key)
             if found is not None and (found.partition in part_set or key in sub_set):
                 self._check(found, now)
-        if not (parts or sub_keys) or self.follower:
+        if not (parts or sub_keys):
             return
         log.info(
             "quota usage restored: partitions %s, %d subscriber quotas, %d keys",
@@ -703,8 +705,6 @@ class QuotaService:
             self._ledger(key).definition = d
         self._defined_tenants = frozenset(k.tenant_id for k in self.definitions)
         self._sub_keys = frozenset(k for k in self.definitions if k.subscriber_id)
-        if self.follower:
-            return  # the worker mirrors definitions, restores usage and checks thresholds
         if change.offset > self._mirrored_version:
             shown = d or previous
             self._quota_rows.append(
@@ -847,42 +847,6 @@ class QuotaService:
         if self.replica is not None:
             return await self.replica.pending_ids()
         return self._pending_ids()
-
-    # ---- the follower (quota server) side ---------------------------------------------
-    def start_follower(self) -> None:
-        """Start the follower's background work (expiry, journal compaction). Call in
-        its event loop; the worker's messages then drive the state."""
-        self._loop = asyncio.get_running_loop()
-        self._spawn(self._sweep_loop())
-
-    def on_replica_message(self, message: tuple[Any, ...]) -> Any:
-        """Apply one change sent by the worker's service (see ``Replica``), in the order
-        sent. Returns the answer of a question (``pending_ids``), else ``None``."""
-        kind = message[0]
-        if kind == "apply":
-            self._apply(message[1], message[2])
-        elif kind == "install":
-            self._install(message[1], message[2], message[3], message[4])
-        elif kind == "definition":
-            self.apply_definition(message[1])
-        elif kind == "assigned":
-            self._assigned |= set(message[1])
-        elif kind == "revoked":
-            self.on_partitions_revoked(message[1])
-        elif kind == "partitions":
-            # the journal's holds need the partition count to know their partition
-            self.partitions = int(message[1])
-            self._partition_cache.clear()
-            for ledger in self.ledgers.values():
-                ledger.partition = self.partition_of(ledger.key.tenant_id)
-            self._replay_journal()
-        elif kind == "started":
-            self.started = True
-        elif kind == "pending_ids":
-            return self._pending_ids()
-        else:
-            raise ValueError(f"unknown quota replica message {kind!r}")
-        return None
 
     def _usage_partition_count(self) -> int:
         from confluent_kafka.admin import AdminClient
@@ -1237,25 +1201,3 @@ def settlement_json(s: Settlement) -> dict[str, Any]:
         "over_grant": s.over_grant,
         "event_id": s.event_id,
     }
-
-
-# The two answers on every model call's path, written directly: the same bytes as
-# ``json.dumps(grant_json(g), separators=(",", ":"))`` (ids are ASCII by construction;
-# the client's event id goes through json.dumps), at a fraction of the cost.
-def grant_body(g: Grant) -> bytes:
-    rid = "null" if g.reservation_id is None else f'"{g.reservation_id}"'
-    return (
-        f'{{"reservation_id":{rid},"requested":"{fmt(g.requested)}",'
-        f'"granted":"{fmt(g.granted)}","expires_at":"{iso_ms(g.expires_ms)}",'
-        f'"over_limit":{"true" if g.over_limit else "false"}}}'
-    ).encode()
-
-
-def settlement_body(s: Settlement) -> bytes:
-    event = "null" if s.event_id is None else json.dumps(s.event_id, separators=(",", ":"))
-    return (
-        f'{{"reservation_id":"{s.reservation_id}","outcome":"{s.outcome}",'
-        f'"granted":"{fmt(s.granted)}","committed":"{fmt(s.committed)}",'
-        f'"released":"{fmt(s.released)}","over_grant":{"true" if s.over_grant else "false"},'
-        f'"event_id":{event}}}'
-    ).encode()

@@ -1023,11 +1023,17 @@ def test_docker_compose_file_is_valid_and_wired() -> None:
 def test_dockerfile_builds_the_worker() -> None:
     text = (INFRA / "Dockerfile").read_text()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
-    assert lines[0] == "FROM python:3.11-slim"
+    stages = [ln for ln in lines if ln.startswith("FROM")]
+    assert stages == ["FROM golang:1.26-bookworm AS quotad", "FROM python:3.11-slim"]
+    go_version = (ROOT / "quotad" / "go.mod").read_text().split("\ngo ")[1].split()[0]
+    assert stages[0].startswith(f"FROM golang:{go_version}")  # the module's Go
     assert any(ln.startswith("RUN") and "pip install" in ln for ln in lines)
+    assert any(ln.startswith("RUN") and "go build" in ln for ln in lines)
+    # the worker looks for the quota server next to its python (pipeline/quota/link.py)
+    assert "COPY --from=quotad /out/tokenmeter-quotad /usr/local/bin/tokenmeter-quotad" in lines
     assert 'ENTRYPOINT ["tokenmeter"]' in lines and 'CMD ["worker"]' in lines
     for ln in lines:
-        if ln.startswith("COPY"):
+        if ln.startswith("COPY") and "--from=" not in ln:
             for src in ln.split()[1:-1]:
                 assert (ROOT / src).exists(), src
 

@@ -1,0 +1,589 @@
+package main
+
+// The HTTP side (contract section 4; pipeline/quota/web.py describes the calls):
+//
+//	GET    /v1/quotas/{tenant_id}[?subscriber_id=S]
+//	POST   /v1/quotas/{tenant_id}/reservations   {"token_units": n, "ttl_s": t[, "subscriber_id": s]}
+//	POST   /v1/reservations/{id}/commit          {"token_units": used[, "event_id": e]}
+//	DELETE /v1/reservations/{id}
+//
+// A call for a tenant whose usage partition another worker owns is forwarded there;
+// every other path goes to the worker's own pages (health, status, query, metrics).
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/shopspring/decimal"
+)
+
+const (
+	forwardedHeader = "X-Tokenmeter-Forwarded"
+	ownerHeader     = "X-Tokenmeter-Owner" // on answers forwarded from the owning worker
+	maxBody         = 1 << 20
+	defaultTTLS     = 30.0
+	contentJSON     = "application/json"
+)
+
+// quotaDurationBuckets: pipeline/metrics.py QUOTA_DURATION_BUCKETS (seconds).
+var quotaDurationBuckets = []float64{0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0}
+
+type call struct {
+	name          string // status | reserve | commit | release
+	tenant        string // "" when the reservation id is malformed (answered 404)
+	reservationID string
+}
+
+type reply struct {
+	status  int
+	body    []byte
+	headers [][2]string
+	ctype   string
+}
+
+var allowed = map[string]string{"status": "GET", "reserve": "POST", "commit": "POST", "release": "DELETE"}
+
+// match: the quota call a request is, nil if it is no quota path, or a ready reply
+// (405) for a wrong method on a quota path.
+func match(method, path string) (*call, *reply) {
+	parts := strings.Split(path, "/")
+	if len(parts) < 4 || parts[1] != "v1" || parts[3] == "" {
+		return nil, nil
+	}
+	name := ""
+	switch parts[2] {
+	case "quotas":
+		if len(parts) == 4 {
+			name = "status"
+		} else if len(parts) == 5 && parts[4] == "reservations" {
+			name = "reserve"
+		}
+	case "reservations":
+		if len(parts) == 4 {
+			name = "release"
+		} else if len(parts) == 5 && parts[4] == "commit" {
+			name = "commit"
+		}
+	}
+	if name == "" {
+		return nil, nil
+	}
+	if method != allowed[name] {
+		r := errorReply(405, "method not allowed: use "+allowed[name])
+		r.headers = append(r.headers, [2]string{"Allow", allowed[name]})
+		return nil, r
+	}
+	segment, err := url.PathUnescape(parts[3])
+	if err != nil {
+		segment = parts[3]
+	}
+	if name == "status" || name == "reserve" {
+		return &call{name: name, tenant: segment}, nil
+	}
+	c := &call{name: name, reservationID: segment}
+	if k, err := parseReservationID(segment); err == nil {
+		c.tenant = k.Tenant
+	}
+	return c, nil
+}
+
+// ---- JSON answers ---------------------------------------------------------------------
+
+func jsonBytes(v any) []byte {
+	var b bytes.Buffer
+	enc := json.NewEncoder(&b)
+	enc.SetEscapeHTML(false)
+	if err := enc.Encode(v); err != nil {
+		panic(err) // only our own answer types come here
+	}
+	return bytes.TrimRight(b.Bytes(), "\n")
+}
+
+func errorReply(status int, message string) *reply {
+	return &reply{status: status, body: jsonBytes(map[string]string{"error": message})}
+}
+
+type settlementJSON struct {
+	ReservationID string  `json:"reservation_id"`
+	Outcome       string  `json:"outcome"`
+	Granted       string  `json:"granted"`
+	Committed     string  `json:"committed"`
+	Released      string  `json:"released"`
+	OverGrant     bool    `json:"over_grant"`
+	EventID       *string `json:"event_id"`
+}
+
+func settlementOf(s *Settlement) settlementJSON {
+	return settlementJSON{s.ReservationID, s.Outcome, fmtDec(s.Granted), fmtDec(s.Committed), fmtDec(s.Released), s.OverGrant, s.EventID}
+}
+
+type statusJSON struct {
+	TenantID         string   `json:"tenant_id"`
+	SubscriberID     *string  `json:"subscriber_id"`
+	PeriodType       string   `json:"period_type"`
+	Period           string   `json:"period"`
+	Limit            string   `json:"limit"`
+	Used             string   `json:"used"`
+	Reserved         string   `json:"reserved"`
+	Pending          string   `json:"pending"`
+	Remaining        string   `json:"remaining"`
+	State            string   `json:"state"`
+	Hard             bool     `json:"hard"`
+	Thresholds       []string `json:"thresholds"`
+	Crossed          []string `json:"crossed"`
+	OpenReservations int      `json:"open_reservations"`
+	LimitCNY         *string  `json:"limit_cny,omitempty"`
+	UsedCNY          *string  `json:"used_cny,omitempty"`
+}
+
+func fmtAll(ds []decimal.Decimal) []string {
+	out := make([]string, len(ds))
+	for i, d := range ds {
+		out[i] = fmtDec(d)
+	}
+	return out
+}
+
+func statusOf(s Status) statusJSON {
+	d := s.Definition
+	out := statusJSON{
+		TenantID: s.Key.Tenant, PeriodType: d.Period, Period: s.Period,
+		Limit: fmtDec(d.LimitTU), Used: fmtDec(s.Used.TU), Reserved: fmtDec(s.Reserved.Add(s.Pending)),
+		Pending: fmtDec(s.Pending), Remaining: fmtDec(s.Remaining), State: s.State, Hard: d.Hard,
+		Thresholds: fmtAll(d.Thresholds), Crossed: fmtAll(s.Crossed), OpenReservations: s.OpenReservations,
+	}
+	if s.Key.Subscriber != "" {
+		sub := s.Key.Subscriber
+		out.SubscriberID = &sub
+	}
+	if d.LimitCNY != nil {
+		limit, used := fmtDec(*d.LimitCNY), fmtDec(s.Used.CNY)
+		out.LimitCNY, out.UsedCNY = &limit, &used
+	}
+	return out
+}
+
+func refuse(err error) *reply {
+	var qe *QuotaError
+	if !errors.As(err, &qe) {
+		return errorReply(500, "internal error")
+	}
+	body := map[string]any{"error": qe.Msg}
+	if qe.Settlement != nil {
+		body["reservation"] = settlementOf(qe.Settlement)
+	}
+	r := &reply{status: qe.status(), body: jsonBytes(body)}
+	if r.status == 503 {
+		r.headers = [][2]string{{"Retry-After", "1"}}
+	}
+	return r
+}
+
+// ---- request bodies ---------------------------------------------------------------------
+
+// callBody: the members of a call's body (each as sent; nil when absent).
+type callBody struct {
+	TokenUnits   json.RawMessage `json:"token_units"`
+	TTLS         json.RawMessage `json:"ttl_s"`
+	SubscriberID json.RawMessage `json:"subscriber_id"`
+	EventID      json.RawMessage `json:"event_id"`
+}
+
+func parseBody(raw []byte, example string) (*callBody, error) {
+	var body callBody
+	if err := json.Unmarshal(raw, &body); err != nil {
+		var wrongType *json.UnmarshalTypeError
+		if errors.As(err, &wrongType) && wrongType.Field == "" {
+			return nil, badRequest("body must be a JSON object: %s", example)
+		}
+		if !errors.As(err, &wrongType) {
+			return nil, badRequest("body must be JSON: %s", example)
+		}
+		// a member of the wrong JSON type: RawMessage takes any, so this is not reached
+		return nil, badRequest("body must be JSON: %s", example)
+	}
+	if string(bytes.TrimSpace(raw)) == "null" {
+		return nil, badRequest("body must be a JSON object: %s", example)
+	}
+	return &body, nil
+}
+
+func isNull(raw json.RawMessage) bool { return raw == nil || string(raw) == "null" }
+
+var micro = decimal.New(1, -6)
+
+// toTU: a TU amount from JSON (number or decimal string), exact to 6 decimals.
+func toTU(raw json.RawMessage, name string) (decimal.Decimal, error) {
+	var text string
+	switch {
+	case len(raw) > 0 && raw[0] == '"':
+		if err := json.Unmarshal(raw, &text); err != nil {
+			return zero, badRequest("%s: must be a number", name)
+		}
+		text = strings.TrimSpace(text)
+		switch strings.TrimLeft(strings.ToLower(text), "+-") {
+		case "nan", "snan", "inf", "infinity":
+			return zero, badRequest("%s: must be finite", name)
+		}
+	case len(raw) > 0 && (raw[0] == '-' || (raw[0] >= '0' && raw[0] <= '9')):
+		text = string(raw)
+	default:
+		return zero, badRequest("%s: must be a number", name)
+	}
+	amount, err := decimal.NewFromString(text)
+	if err != nil {
+		return zero, badRequest("%s: must be a number, got %s", name, pyRepr(text))
+	}
+	if amount.Sign() < 0 {
+		return zero, badRequest("%s: must be >= 0", name)
+	}
+	if amount.Cmp(maxTU) > 0 {
+		return zero, badRequest("%s: must be <= 1e18", name)
+	}
+	if !amount.Mod(micro).IsZero() {
+		return zero, badRequest("%s: at most 6 decimal places", name)
+	}
+	return norm(amount), nil
+}
+
+func optionalString(raw json.RawMessage, name string) (*string, error) {
+	if isNull(raw) {
+		return nil, nil
+	}
+	var s string
+	if err := json.Unmarshal(raw, &s); err != nil || s == "" || len([]rune(s)) > 256 {
+		return nil, badRequest("%s: must be a non-empty string", name)
+	}
+	return &s, nil
+}
+
+// The two answers on every model call's path, written directly (the same JSON as the
+// encoder would write, without its reflection).
+func grantBody(g Grant) []byte {
+	b := make([]byte, 0, 192)
+	b = append(b, `{"reservation_id":`...)
+	if g.ReservationID == nil {
+		b = append(b, "null"...)
+	} else {
+		b = jsonString(b, *g.ReservationID)
+	}
+	b = append(b, `,"requested":"`...)
+	b = append(b, fmtDec(g.Requested)...)
+	b = append(b, `","granted":"`...)
+	b = append(b, fmtDec(g.Granted)...)
+	b = append(b, `","expires_at":"`...)
+	b = append(b, isoMS(g.ExpiresMS)...)
+	b = append(b, `","over_limit":`...)
+	b = strconv.AppendBool(b, g.OverLimit)
+	return append(b, '}')
+}
+
+func settlementBody(st *Settlement) []byte {
+	b := make([]byte, 0, 224)
+	b = append(b, `{"reservation_id":`...)
+	b = jsonString(b, st.ReservationID)
+	b = append(b, `,"outcome":"`...)
+	b = append(b, st.Outcome...)
+	b = append(b, `","granted":"`...)
+	b = append(b, fmtDec(st.Granted)...)
+	b = append(b, `","committed":"`...)
+	b = append(b, fmtDec(st.Committed)...)
+	b = append(b, `","released":"`...)
+	b = append(b, fmtDec(st.Released)...)
+	b = append(b, `","over_grant":`...)
+	b = strconv.AppendBool(b, st.OverGrant)
+	b = append(b, `,"event_id":`...)
+	if st.EventID == nil {
+		b = append(b, "null"...)
+	} else {
+		b = jsonString(b, *st.EventID)
+	}
+	return append(b, '}')
+}
+
+// ---- answering a call (the lock is held) ------------------------------------------------
+
+func (srv *Server) handle(c *call, query string, raw []byte) *reply {
+	started := time.Now()
+	outcome := ""
+	r, err := srv.answer(c, query, raw, &outcome)
+	if err != nil {
+		r = refuse(err)
+	}
+	if j := srv.service.journal; j != nil {
+		if werr := j.flush(); werr != nil {
+			r = errorReply(500, "the reservation journal cannot be written: "+werr.Error())
+		}
+	}
+	srv.observe(c.name, outcome, time.Since(started).Seconds())
+	return r
+}
+
+func (srv *Server) answer(c *call, query string, raw []byte, outcome *string) (*reply, error) {
+	s := srv.service
+	switch c.name {
+	case "status":
+		sub := ""
+		if query != "" {
+			if q, err := url.ParseQuery(query); err == nil {
+				sub = q.Get("subscriber_id")
+			}
+		}
+		st, err := s.get(c.tenant, sub)
+		if err != nil {
+			return nil, err
+		}
+		return &reply{status: 200, body: jsonBytes(statusOf(st))}, nil
+	case "reserve":
+		*outcome = "error"
+		body, err := parseBody(raw, `{"token_units": n, "ttl_s": t}`)
+		if err != nil {
+			return nil, err
+		}
+		if body.TokenUnits == nil {
+			return nil, badRequest(`token_units: required ({"token_units": n, "ttl_s": t})`)
+		}
+		amount, err := toTU(body.TokenUnits, "token_units")
+		if err != nil {
+			return nil, err
+		}
+		ttl := defaultTTLS
+		if body.TTLS != nil {
+			first := body.TTLS[0]
+			if first != '-' && (first < '0' || first > '9') {
+				return nil, badRequest("ttl_s: must be a number of seconds")
+			}
+			if ttl, err = strconv.ParseFloat(string(body.TTLS), 64); err != nil {
+				return nil, badRequest("ttl_s: must be a number of seconds")
+			}
+		}
+		sub, err := optionalString(body.SubscriberID, "subscriber_id")
+		if err != nil {
+			return nil, err
+		}
+		subscriber := ""
+		if sub != nil {
+			subscriber = *sub
+		}
+		g, err := s.reserve(c.tenant, amount, ttl, subscriber)
+		if err != nil {
+			return nil, err
+		}
+		switch {
+		case g.Granted.Sign() <= 0:
+			*outcome = "denied"
+		case g.Granted.Cmp(g.Requested) < 0:
+			*outcome = "partial"
+		default:
+			*outcome = "granted"
+		}
+		status := 200
+		if g.ReservationID != nil {
+			status = 201
+		}
+		return &reply{status: status, body: grantBody(g)}, nil
+	case "commit":
+		if c.tenant == "" {
+			return nil, &QuotaError{Kind: errNotFound, Msg: "not a reservation id: " + pyRepr(c.reservationID)}
+		}
+		body, err := parseBody(raw, `{"token_units": used}`)
+		if err != nil {
+			return nil, err
+		}
+		if body.TokenUnits == nil {
+			return nil, badRequest(`token_units: required ({"token_units": used})`)
+		}
+		amount, err := toTU(body.TokenUnits, "token_units")
+		if err != nil {
+			return nil, err
+		}
+		eventID, err := optionalString(body.EventID, "event_id")
+		if err != nil {
+			return nil, err
+		}
+		st, err := s.commit(c.reservationID, amount, eventID)
+		if err != nil {
+			return nil, err
+		}
+		return &reply{status: 200, body: settlementBody(st)}, nil
+	default: // release
+		if c.tenant == "" {
+			return nil, &QuotaError{Kind: errNotFound, Msg: "not a reservation id: " + pyRepr(c.reservationID)}
+		}
+		st, err := s.release(c.reservationID)
+		if err != nil {
+			return nil, err
+		}
+		return &reply{status: 200, body: settlementBody(st)}, nil
+	}
+}
+
+// observe counts a call for the worker's metrics (reservations by outcome, and the
+// time each call took here, in QUOTA_DURATION_BUCKETS).
+func (srv *Server) observe(name, outcome string, seconds float64) {
+	if outcome != "" {
+		srv.outcomes[outcome]++
+	}
+	found := srv.durations[name]
+	if found == nil {
+		found = make([]float64, len(quotaDurationBuckets)+2)
+		srv.durations[name] = found
+	}
+	found[sort.SearchFloat64s(quotaDurationBuckets, seconds)]++
+	found[len(found)-1] += seconds
+}
+
+// ---- HTTP -------------------------------------------------------------------------------
+
+type route struct {
+	url  string
+	host string
+	port int
+}
+
+func newRoute(raw string) route {
+	r := route{url: raw}
+	if u, err := url.Parse(raw); err == nil {
+		r.host = u.Hostname()
+		r.port, _ = strconv.Atoi(u.Port())
+		if r.port == 0 {
+			r.port = 80
+		}
+	}
+	return r
+}
+
+func write(w http.ResponseWriter, r *reply) {
+	h := w.Header()
+	ctype := r.ctype
+	if ctype == "" {
+		ctype = contentJSON
+	}
+	h.Set("Content-Type", ctype)
+	h.Set("Content-Length", strconv.Itoa(len(r.body)))
+	for _, kv := range r.headers {
+		h.Set(kv[0], kv[1])
+	}
+	w.WriteHeader(r.status)
+	_, _ = w.Write(r.body)
+}
+
+func (srv *Server) ServeHTTP(w http.ResponseWriter, req *http.Request) {
+	if len(req.TransferEncoding) > 0 {
+		w.Header().Set("Connection", "close")
+		write(w, errorReply(411, "send the body with Content-Length"))
+		return
+	}
+	c, ready := match(req.Method, req.URL.EscapedPath())
+	if ready != nil {
+		write(w, ready)
+		return
+	}
+	if c == nil {
+		write(w, srv.proxy(req, srv.faustBase, nil, false, 300*time.Second))
+		return
+	}
+	raw, err := io.ReadAll(http.MaxBytesReader(w, req.Body, maxBody))
+	if err != nil {
+		var tooLarge *http.MaxBytesError
+		if errors.As(err, &tooLarge) {
+			w.Header().Set("Connection", "close")
+			write(w, errorReply(413, fmt.Sprintf("body larger than %d bytes", maxBody)))
+		}
+		return
+	}
+	s := srv.service
+	s.mu.Lock()
+	if dest := srv.owner(c); dest != "" && req.Header.Get(forwardedHeader) == "" {
+		s.mu.Unlock()
+		write(w, srv.proxy(req, dest, raw, true, 30*time.Second))
+		return
+	}
+	r := srv.handle(c, req.URL.RawQuery, raw)
+	s.mu.Unlock()
+	write(w, r)
+}
+
+// owner: the URL of the worker that owns the call's tenant, when that is another one.
+func (srv *Server) owner(c *call) string {
+	s := srv.service
+	if c.tenant == "" || s.owns(c.tenant) {
+		return ""
+	}
+	found, ok := srv.routes[s.partitionOf(c.tenant)]
+	if !ok || (found.host == srv.host && found.port == srv.port) {
+		return "" // no owner known yet, or us: answered here (503 until restored)
+	}
+	return found.url
+}
+
+// proxy passes a request on: to the worker's own pages (body nil), or to the worker
+// that owns the tenant (body: the request's, already read).
+func (srv *Server) proxy(req *http.Request, base string, body []byte, toOwner bool, timeout time.Duration) *reply {
+	ctx, cancel := context.WithTimeout(req.Context(), timeout)
+	defer cancel()
+	var reader io.Reader = req.Body
+	if toOwner {
+		reader = bytes.NewReader(body)
+	}
+	out, err := http.NewRequestWithContext(ctx, req.Method, base+req.URL.RequestURI(), reader)
+	if err == nil {
+		out.ContentLength = req.ContentLength
+		if toOwner {
+			out.ContentLength = int64(len(body))
+			out.Header.Set(forwardedHeader, "1")
+		}
+		for _, name := range []string{"Accept", "Content-Type", "Accept-Encoding"} {
+			if v := req.Header.Get(name); v != "" {
+				out.Header.Set(name, v)
+			}
+		}
+		var resp *http.Response
+		if resp, err = srv.client.Do(out); err == nil {
+			defer resp.Body.Close()
+			data, rerr := io.ReadAll(resp.Body)
+			if rerr == nil {
+				r := &reply{status: resp.StatusCode, body: data, ctype: resp.Header.Get("Content-Type")}
+				for _, name := range []string{"Content-Encoding", "Retry-After", "Allow"} {
+					if v := resp.Header.Get(name); v != "" {
+						r.headers = append(r.headers, [2]string{name, v})
+					}
+				}
+				if toOwner {
+					r.headers = append(r.headers, [2]string{ownerHeader, base})
+				}
+				return r
+			}
+			err = rerr
+		}
+	}
+	what := "the worker's pages"
+	if toOwner {
+		what = "the owning worker " + base
+	}
+	r := errorReply(503, fmt.Sprintf("%s cannot be reached yet (%s); retry", what, shortError(err)))
+	r.headers = [][2]string{{"Retry-After", "1"}}
+	return r
+}
+
+func shortError(err error) string {
+	var op *net.OpError
+	if errors.As(err, &op) && op.Err != nil {
+		return op.Err.Error()
+	}
+	if errors.Is(err, context.DeadlineExceeded) {
+		return "timed out"
+	}
+	return err.Error()
+}

@@ -1,0 +1,328 @@
+package main
+
+// The link to the worker: a Unix socket pair, each message a 4-byte big-endian length
+// and a JSON array whose first element names it (pipeline/quota/link.py writes and reads
+// the other end; both are this code base). Amounts are decimal strings.
+//
+// Worker -> server: ["config", {...}] first, then the changes of the worker's quota
+// service in the order it made them: ["partitions", n], ["definition", topic_key,
+// definition|null], ["assigned", [p]], ["revoked", [p]], ["apply", singles, sums],
+// ["install", parts, subscriber_keys, rows, landed_event_ids], ["started"], plus
+// ["routes", {partition: url}] and ["ask", id, ["pending_ids"]].
+// Server -> worker: ["listening"] or ["error", text] once at start, ["answer", id,
+// value], and every half second ["stats", outcomes, durations, open_reservations].
+
+import (
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"regexp"
+	"strconv"
+	"sync"
+
+	"github.com/shopspring/decimal"
+)
+
+type Link struct {
+	conn net.Conn
+	wmu  sync.Mutex
+}
+
+func (l *Link) send(message ...any) error {
+	data, err := json.Marshal(message)
+	if err != nil {
+		return err
+	}
+	frame := make([]byte, 4+len(data))
+	binary.BigEndian.PutUint32(frame, uint32(len(data)))
+	copy(frame[4:], data)
+	l.wmu.Lock()
+	defer l.wmu.Unlock()
+	_, err = l.conn.Write(frame)
+	return err
+}
+
+// read returns the next message's parts; io.EOF when the worker closed the link.
+func (l *Link) read() ([]json.RawMessage, error) {
+	var head [4]byte
+	if _, err := io.ReadFull(l.conn, head[:]); err != nil {
+		return nil, io.EOF
+	}
+	data := make([]byte, binary.BigEndian.Uint32(head[:]))
+	if _, err := io.ReadFull(l.conn, data); err != nil {
+		return nil, io.EOF
+	}
+	var parts []json.RawMessage
+	if err := json.Unmarshal(data, &parts); err != nil || len(parts) == 0 {
+		return nil, fmt.Errorf("bad message on the link: %.80q", data)
+	}
+	return parts, nil
+}
+
+// ---- decoding the worker's messages --------------------------------------------------
+
+func decode[T any](raw json.RawMessage) (T, error) {
+	var v T
+	err := json.Unmarshal(raw, &v)
+	return v, err
+}
+
+func dec(s string) (decimal.Decimal, error) {
+	d, err := decimal.NewFromString(s)
+	return norm(d), err
+}
+
+type definitionJSON struct {
+	Period     string   `json:"period"`
+	LimitTU    string   `json:"limit_tu"`
+	LimitCNY   *string  `json:"limit_cny"`
+	Thresholds []string `json:"thresholds"`
+	Hard       bool     `json:"hard"`
+}
+
+var subKeyRE = regexp.MustCompile(`^(.*)/(sub_[0-9a-f]{32})$`)
+
+// keyFromTopicKey: "tenant" or "tenant/sub_<hex>" -> QuotaKey.
+func keyFromTopicKey(text string) QuotaKey {
+	if m := subKeyRE.FindStringSubmatch(text); m != nil {
+		return QuotaKey{m[1], m[2]}
+	}
+	return QuotaKey{Tenant: text}
+}
+
+func (d definitionJSON) definition() (*Definition, error) {
+	limit, err := dec(d.LimitTU)
+	if err != nil {
+		return nil, err
+	}
+	out := &Definition{Period: d.Period, LimitTU: limit, Hard: d.Hard}
+	if d.LimitCNY != nil {
+		cny, err := dec(*d.LimitCNY)
+		if err != nil {
+			return nil, err
+		}
+		out.LimitCNY = &cny
+	}
+	for _, t := range d.Thresholds {
+		v, err := dec(t)
+		if err != nil {
+			return nil, err
+		}
+		out.Thresholds = append(out.Thresholds, v)
+	}
+	if d.Period != "day" && d.Period != "month" {
+		return nil, fmt.Errorf("period %q", d.Period)
+	}
+	return out, nil
+}
+
+// singles: [tenant, subscriber, event_ms, tu, cny, event_id, partition]
+func decodeSingles(raw json.RawMessage) ([]ratedItem, error) {
+	rows, err := decode[[][7]json.RawMessage](raw)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]ratedItem, 0, len(rows))
+	for _, r := range rows {
+		var it ratedItem
+		var tu, cny string
+		if err := unmarshalAll(r[:], &it.Tenant, &it.Subscriber, &it.EventMS, &tu, &cny, &it.EventID, &it.Partition); err != nil {
+			return nil, err
+		}
+		if it.TU, err = dec(tu); err != nil {
+			return nil, err
+		}
+		if it.CNY, err = dec(cny); err != nil {
+			return nil, err
+		}
+		out = append(out, it)
+	}
+	return out, nil
+}
+
+// sums: [tenant, partition, day, month, tu, cny, [event_ids]]
+func decodeSums(raw json.RawMessage) ([]daySum, error) {
+	rows, err := decode[[][7]json.RawMessage](raw)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]daySum, 0, len(rows))
+	for _, r := range rows {
+		var a daySum
+		var tu, cny string
+		if err := unmarshalAll(r[:], &a.Tenant, &a.Partition, &a.Day, &a.Month, &tu, &cny, &a.EventIDs); err != nil {
+			return nil, err
+		}
+		if a.TU, err = dec(tu); err != nil {
+			return nil, err
+		}
+		if a.CNY, err = dec(cny); err != nil {
+			return nil, err
+		}
+		out = append(out, a)
+	}
+	return out, nil
+}
+
+// rows: [tenant, subscriber, partition, day, tu, cny]
+func decodeRows(raw json.RawMessage) ([]usageRow, error) {
+	rows, err := decode[[][6]json.RawMessage](raw)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]usageRow, 0, len(rows))
+	for _, r := range rows {
+		var u usageRow
+		var tu, cny string
+		if err := unmarshalAll(r[:], &u.Tenant, &u.Subscriber, &u.Partition, &u.Day, &tu, &cny); err != nil {
+			return nil, err
+		}
+		if len(u.Day) < 7 {
+			return nil, fmt.Errorf("day %q", u.Day)
+		}
+		if u.TU, err = dec(tu); err != nil {
+			return nil, err
+		}
+		if u.CNY, err = dec(cny); err != nil {
+			return nil, err
+		}
+		out = append(out, u)
+	}
+	return out, nil
+}
+
+func unmarshalAll(raws []json.RawMessage, targets ...any) error {
+	for i, t := range targets {
+		if err := json.Unmarshal(raws[i], t); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+var errUnknown = errors.New("unknown message")
+
+// onMessage applies one message of the worker (the server's lock is held).
+func (srv *Server) onMessage(parts []json.RawMessage) error {
+	var kind string
+	if err := json.Unmarshal(parts[0], &kind); err != nil {
+		return err
+	}
+	s := srv.service
+	need := func(n int) error {
+		if len(parts) < n {
+			return fmt.Errorf("%s: %d parts, want %d", kind, len(parts), n)
+		}
+		return nil
+	}
+	switch kind {
+	case "apply":
+		if err := need(3); err != nil {
+			return err
+		}
+		singles, err := decodeSingles(parts[1])
+		if err != nil {
+			return fmt.Errorf("apply: %w", err)
+		}
+		sums, err := decodeSums(parts[2])
+		if err != nil {
+			return fmt.Errorf("apply: %w", err)
+		}
+		s.apply(singles, sums)
+	case "install":
+		if err := need(5); err != nil {
+			return err
+		}
+		ps, err := decode[[]int](parts[1])
+		if err != nil {
+			return err
+		}
+		pairs, err := decode[[][2]string](parts[2])
+		if err != nil {
+			return err
+		}
+		keys := make([]QuotaKey, len(pairs))
+		for i, p := range pairs {
+			keys[i] = QuotaKey{p[0], p[1]}
+		}
+		rows, err := decodeRows(parts[3])
+		if err != nil {
+			return fmt.Errorf("install: %w", err)
+		}
+		landed, err := decode[[]string](parts[4])
+		if err != nil {
+			return err
+		}
+		s.install(ps, keys, rows, landed)
+	case "definition":
+		if err := need(3); err != nil {
+			return err
+		}
+		topicKey, err := decode[string](parts[1])
+		if err != nil {
+			return err
+		}
+		raw, err := decode[*definitionJSON](parts[2])
+		if err != nil {
+			return err
+		}
+		var d *Definition
+		if raw != nil {
+			if d, err = raw.definition(); err != nil {
+				return fmt.Errorf("definition %s: %w", topicKey, err)
+			}
+		}
+		s.setDefinition(keyFromTopicKey(topicKey), d)
+	case "assigned":
+		ps, err := decode[[]int](parts[1])
+		if err != nil {
+			return err
+		}
+		for _, p := range ps {
+			s.assigned[p] = true
+		}
+	case "revoked":
+		ps, err := decode[[]int](parts[1])
+		if err != nil {
+			return err
+		}
+		s.revoke(ps)
+	case "partitions":
+		n, err := decode[int](parts[1])
+		if err != nil {
+			return err
+		}
+		return s.setPartitions(n)
+	case "started":
+		s.started = true
+	case "routes":
+		found, err := decode[map[string]string](parts[1])
+		if err != nil {
+			return err
+		}
+		routes := map[int]route{}
+		for p, url := range found {
+			n, err := strconv.Atoi(p)
+			if err != nil {
+				return err
+			}
+			routes[n] = newRoute(url)
+		}
+		srv.routes = routes
+	case "ask":
+		if err := need(3); err != nil {
+			return err
+		}
+		question, err := decode[[]string](parts[2])
+		if err != nil || len(question) == 0 || question[0] != "pending_ids" {
+			return fmt.Errorf("ask: unknown question %s", parts[2])
+		}
+		return srv.link.send("answer", parts[1], s.pendingIDs())
+	default:
+		return fmt.Errorf("%w %q", errUnknown, kind)
+	}
+	return nil
+}
