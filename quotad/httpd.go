@@ -248,10 +248,13 @@ func toTU(raw json.RawMessage, name string) (decimal.Decimal, error) {
 	if amount.Sign() < 0 {
 		return zero, badRequest("%s: must be >= 0", name)
 	}
-	if amount.Cmp(maxTU) > 0 {
+	// the exact checks rescale (a big-integer power): skipped when the text shows they
+	// pass, a plain number of under 19 digits with at most 6 decimals
+	plain := len(text) < 19 && !strings.ContainsAny(text, "eE")
+	if !plain && amount.Cmp(maxTU) > 0 {
 		return zero, badRequest("%s: must be <= 1e18", name)
 	}
-	if !amount.Mod(micro).IsZero() {
+	if amount.Exponent() < -6 && !amount.Mod(micro).IsZero() {
 		return zero, badRequest("%s: at most 6 decimal places", name)
 	}
 	return norm(amount), nil
@@ -464,55 +467,25 @@ func newRoute(raw string) route {
 	return r
 }
 
-func write(w http.ResponseWriter, r *reply) {
-	h := w.Header()
-	ctype := r.ctype
-	if ctype == "" {
-		ctype = contentJSON
-	}
-	h.Set("Content-Type", ctype)
-	h.Set("Content-Length", strconv.Itoa(len(r.body)))
-	for _, kv := range r.headers {
-		h.Set(kv[0], kv[1])
-	}
-	w.WriteHeader(r.status)
-	_, _ = w.Write(r.body)
-}
-
-func (srv *Server) ServeHTTP(w http.ResponseWriter, req *http.Request) {
-	if len(req.TransferEncoding) > 0 {
-		w.Header().Set("Connection", "close")
-		write(w, errorReply(411, "send the body with Content-Length"))
-		return
-	}
-	c, ready := match(req.Method, req.URL.EscapedPath())
+// dispatch answers one request: a quota call here (or at the worker that owns its
+// tenant), anything else at the worker's own pages.
+func (srv *Server) dispatch(req *request) *reply {
+	c, ready := match(req.method, req.path)
 	if ready != nil {
-		write(w, ready)
-		return
+		return ready
 	}
 	if c == nil {
-		write(w, srv.proxy(req, srv.faustBase, nil, false, 300*time.Second))
-		return
-	}
-	raw, err := io.ReadAll(http.MaxBytesReader(w, req.Body, maxBody))
-	if err != nil {
-		var tooLarge *http.MaxBytesError
-		if errors.As(err, &tooLarge) {
-			w.Header().Set("Connection", "close")
-			write(w, errorReply(413, fmt.Sprintf("body larger than %d bytes", maxBody)))
-		}
-		return
+		return srv.proxy(req, srv.faustBase, false, 300*time.Second)
 	}
 	s := srv.service
 	s.mu.Lock()
-	if dest := srv.owner(c); dest != "" && req.Header.Get(forwardedHeader) == "" {
+	if dest := srv.owner(c); dest != "" && req.header("x-tokenmeter-forwarded") == "" {
 		s.mu.Unlock()
-		write(w, srv.proxy(req, dest, raw, true, 30*time.Second))
-		return
+		return srv.proxy(req, dest, true, 30*time.Second)
 	}
-	r := srv.handle(c, req.URL.RawQuery, raw)
+	r := srv.handle(c, req.query, req.body)
 	s.mu.Unlock()
-	write(w, r)
+	return r
 }
 
 // owner: the URL of the worker that owns the call's tenant, when that is another one.
@@ -528,24 +501,18 @@ func (srv *Server) owner(c *call) string {
 	return found.url
 }
 
-// proxy passes a request on: to the worker's own pages (body nil), or to the worker
-// that owns the tenant (body: the request's, already read).
-func (srv *Server) proxy(req *http.Request, base string, body []byte, toOwner bool, timeout time.Duration) *reply {
-	ctx, cancel := context.WithTimeout(req.Context(), timeout)
+// proxy passes a request on: to the worker's own pages, or to the worker that owns the
+// tenant (toOwner: marked forwarded, so that one answers it itself).
+func (srv *Server) proxy(req *request, base string, toOwner bool, timeout time.Duration) *reply {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
-	var reader io.Reader = req.Body
-	if toOwner {
-		reader = bytes.NewReader(body)
-	}
-	out, err := http.NewRequestWithContext(ctx, req.Method, base+req.URL.RequestURI(), reader)
+	out, err := http.NewRequestWithContext(ctx, req.method, base+req.target, bytes.NewReader(req.body))
 	if err == nil {
-		out.ContentLength = req.ContentLength
 		if toOwner {
-			out.ContentLength = int64(len(body))
 			out.Header.Set(forwardedHeader, "1")
 		}
 		for _, name := range []string{"Accept", "Content-Type", "Accept-Encoding"} {
-			if v := req.Header.Get(name); v != "" {
+			if v := req.header(strings.ToLower(name)); v != "" {
 				out.Header.Set(name, v)
 			}
 		}

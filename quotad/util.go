@@ -8,7 +8,9 @@ import (
 	"encoding/hex"
 	"fmt"
 	"regexp"
+	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 	"unicode/utf8"
@@ -143,28 +145,65 @@ var (
 // reservationID names its quota, so any worker can route it:
 // rsv_<b64 tenant>.<b64 subscriber>.<process prefix><sequence, hex>.
 func reservationID(k QuotaKey) string {
-	return fmt.Sprintf("%s%s.%s.%s%08x", reservationPrefix,
-		base64.RawURLEncoding.EncodeToString([]byte(k.Tenant)),
-		base64.RawURLEncoding.EncodeToString([]byte(k.Subscriber)),
-		idPrefix, idSeq.Add(1))
+	idMu.Lock()
+	defer idMu.Unlock()
+	head, ok := idHeads[k]
+	if !ok {
+		if len(idHeads) >= idCacheMax {
+			clear(idHeads)
+		}
+		head = reservationPrefix + base64.RawURLEncoding.EncodeToString([]byte(k.Tenant)) + "." +
+			base64.RawURLEncoding.EncodeToString([]byte(k.Subscriber)) + "." + idPrefix
+		idHeads[k] = head
+	}
+	seq := strconv.FormatUint(idSeq.Add(1), 16)
+	if len(seq) < 8 {
+		seq = strings.Repeat("0", 8-len(seq)) + seq
+	}
+	return head + seq
 }
+
+// a reservation's hot path: the id's quota part, both ways (bounded: cleared when
+// full)
+const idCacheMax = 100_000
+
+var (
+	idMu    sync.Mutex
+	idHeads = map[QuotaKey]string{}
+	idKeys  = map[string]QuotaKey{}
+)
 
 // parseReservationID gives the quota a reservation id belongs to.
 func parseReservationID(id string) (QuotaKey, error) {
-	bad := &QuotaError{Kind: errNotFound, Msg: fmt.Sprintf("not a reservation id: %s", pyRepr(id))}
 	if !strings.HasPrefix(id, reservationPrefix) {
-		return QuotaKey{}, bad
+		return QuotaKey{}, notAReservation(id)
+	}
+	idMu.Lock()
+	defer idMu.Unlock()
+	if dot := strings.LastIndexByte(id, '.'); dot > 0 {
+		if k, ok := idKeys[id[:dot]]; ok {
+			return k, nil
+		}
 	}
 	parts := strings.Split(id[len(reservationPrefix):], ".")
 	if len(parts) != 3 {
-		return QuotaKey{}, bad
+		return QuotaKey{}, notAReservation(id)
 	}
 	tenant, err1 := base64.RawURLEncoding.DecodeString(strings.TrimRight(parts[0], "="))
 	sub, err2 := base64.RawURLEncoding.DecodeString(strings.TrimRight(parts[1], "="))
 	if err1 != nil || err2 != nil || !utf8.Valid(tenant) || !utf8.Valid(sub) {
-		return QuotaKey{}, bad
+		return QuotaKey{}, notAReservation(id)
 	}
-	return QuotaKey{string(tenant), string(sub)}, nil
+	k := QuotaKey{string(tenant), string(sub)}
+	if len(idKeys) >= idCacheMax {
+		clear(idKeys)
+	}
+	idKeys[id[:strings.LastIndexByte(id, '.')]] = k
+	return k, nil
+}
+
+func notAReservation(id string) error {
+	return &QuotaError{Kind: errNotFound, Msg: fmt.Sprintf("not a reservation id: %s", pyRepr(id))}
 }
 
 // pyRepr quotes a string the way the worker's messages do ('...').

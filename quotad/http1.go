@@ -1,0 +1,200 @@
+package main
+
+// A small HTTP/1.1 server: keep-alive, pipelining (answers in order), Content-Length
+// bodies up to 1 MiB, "Expect: 100-continue"; a Transfer-Encoding body is refused with
+// 411. Each connection has one goroutine that reads a request, answers it with one
+// write and reads the next. It does what the quota calls need and no more, at about
+// half the CPU per call of net/http's server (figures in docs/quotas.md).
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"net"
+	"strconv"
+	"strings"
+	"time"
+)
+
+const maxHead = 16 << 10
+
+var reasons = map[int]string{
+	200: "OK", 201: "Created", 400: "Bad Request", 404: "Not Found",
+	405: "Method Not Allowed", 409: "Conflict", 411: "Length Required",
+	413: "Payload Too Large", 431: "Request Header Fields Too Large",
+	500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable",
+	505: "HTTP Version Not Supported",
+}
+
+type request struct {
+	method, target, path, query string
+	lines                       [][]byte // header lines, as sent (without CRLF)
+	body                        []byte
+}
+
+// header: a header's value (name in lower case), or "".
+func (r *request) header(name string) string {
+	for _, line := range r.lines {
+		colon := bytes.IndexByte(line, ':')
+		if colon == len(name) && strings.EqualFold(string(line[:colon]), name) {
+			return string(bytes.TrimSpace(line[colon+1:]))
+		}
+	}
+	return ""
+}
+
+var errHeadTooLarge = errors.New("request head too large")
+
+// readHead reads the request line and headers, up to the empty line.
+func readHead(r *bufio.Reader) ([][]byte, error) {
+	var lines [][]byte
+	size := 0
+	for {
+		line, err := r.ReadSlice('\n')
+		size += len(line)
+		if errors.Is(err, bufio.ErrBufferFull) || size > maxHead {
+			return nil, errHeadTooLarge
+		}
+		if err != nil {
+			return nil, err
+		}
+		line = bytes.TrimRight(line, "\r\n")
+		if len(line) == 0 {
+			if len(lines) == 0 {
+				continue // a stray CRLF between requests
+			}
+			return lines, nil
+		}
+		lines = append(lines, append([]byte(nil), line...))
+	}
+}
+
+func (srv *Server) serve(ln net.Listener) {
+	for {
+		conn, err := ln.Accept()
+		if errors.Is(err, net.ErrClosed) {
+			return // the server is stopping
+		}
+		if err != nil { // out of file descriptors, say: wait, and go on accepting
+			log.Printf("accept: %v", err)
+			time.Sleep(50 * time.Millisecond)
+			continue
+		}
+		go srv.serveConn(conn)
+	}
+}
+
+func (srv *Server) serveConn(conn net.Conn) {
+	defer lingerClose(conn)
+	r := bufio.NewReaderSize(conn, maxHead+1)
+	out := make([]byte, 0, 1024)
+	for {
+		lines, err := readHead(r)
+		if err != nil {
+			if errors.Is(err, errHeadTooLarge) {
+				srv.send(conn, &out, errorReply(431, "request head too large"), false)
+			}
+			return
+		}
+		parts := strings.Split(string(lines[0]), " ")
+		if len(parts) != 3 {
+			srv.send(conn, &out, errorReply(400, "malformed request line"), false)
+			return
+		}
+		req := &request{method: parts[0], target: parts[1], lines: lines[1:]}
+		version := parts[2]
+		if !strings.HasPrefix(version, "HTTP/1.") {
+			srv.send(conn, &out, errorReply(505, "malformed request line"), false)
+			return
+		}
+		if req.header("transfer-encoding") != "" {
+			srv.send(conn, &out, errorReply(411, "send the body with Content-Length"), false)
+			return
+		}
+		length := 0
+		if text := req.header("content-length"); text != "" {
+			n, err := strconv.Atoi(text)
+			if err != nil || n < 0 || strings.TrimLeft(text, "0123456789") != "" {
+				srv.send(conn, &out, errorReply(400, "bad Content-Length"), false)
+				return
+			}
+			length = n
+		}
+		if length > maxBody {
+			srv.send(conn, &out, errorReply(413, fmt.Sprintf("body larger than %d bytes", maxBody)), false)
+			return
+		}
+		if length > 0 {
+			if r.Buffered() < length && strings.EqualFold(req.header("expect"), "100-continue") {
+				if _, err := conn.Write([]byte("HTTP/1.1 100 Continue\r\n\r\n")); err != nil {
+					return
+				}
+			}
+			req.body = make([]byte, length)
+			if _, err := io.ReadFull(r, req.body); err != nil {
+				return
+			}
+		}
+		connection := strings.ToLower(req.header("connection"))
+		keep := connection != "close"
+		if version != "HTTP/1.1" {
+			keep = connection == "keep-alive"
+		}
+		req.path, req.query, _ = strings.Cut(req.target, "?")
+		if !srv.send(conn, &out, srv.dispatch(req), keep) || !keep {
+			return
+		}
+	}
+}
+
+// lingerClose closes a connection so that the client reads the last answer: the
+// server stops writing, then reads (and drops) what the client still sends, for up to a
+// second, before closing; closing with unread data would reset the connection and the
+// client could lose an answer it had not read yet (a 413 sent before the body, say).
+func lingerClose(conn net.Conn) {
+	if tcp, ok := conn.(*net.TCPConn); ok {
+		_ = tcp.CloseWrite()
+		_ = tcp.SetReadDeadline(time.Now().Add(time.Second))
+		_, _ = io.CopyN(io.Discard, tcp, 2*maxBody)
+	}
+	_ = conn.Close()
+}
+
+// send writes one answer (one write); false when the client is gone.
+func (srv *Server) send(conn net.Conn, buf *[]byte, r *reply, keep bool) bool {
+	b := (*buf)[:0]
+	reason, ok := reasons[r.status]
+	if !ok {
+		reason = "Status"
+	}
+	ctype := r.ctype
+	if ctype == "" {
+		ctype = contentJSON
+	}
+	b = append(b, "HTTP/1.1 "...)
+	b = strconv.AppendInt(b, int64(r.status), 10)
+	b = append(b, ' ')
+	b = append(b, reason...)
+	b = append(b, "\r\nContent-Type: "...)
+	b = append(b, ctype...)
+	b = append(b, "\r\nContent-Length: "...)
+	b = strconv.AppendInt(b, int64(len(r.body)), 10)
+	b = append(b, "\r\n"...)
+	for _, kv := range r.headers {
+		b = append(b, kv[0]...)
+		b = append(b, ": "...)
+		b = append(b, kv[1]...)
+		b = append(b, "\r\n"...)
+	}
+	if !keep {
+		b = append(b, "Connection: close\r\n"...)
+	}
+	b = append(b, "\r\n"...)
+	b = append(b, r.body...)
+	*buf = b
+	_, err := conn.Write(b)
+	return err == nil
+}
