@@ -76,6 +76,9 @@ class Settings(BaseSettings):
     pipeline_nice: int = Field(default=10, ge=0, le=19)
     # the quota server's nice value; below 0 (above other processes) needs privileges
     quota_server_nice: int = Field(default=0, ge=-20, le=19)
+    # 1-99: run the quota server under the real-time policy SCHED_FIFO at this priority
+    # (ahead of every normal process; needs privileges); 0: the normal policy
+    quota_server_rtprio: int = Field(default=0, ge=0, le=99)
 
     # security
     pseudonym_key: SecretStr | None = None

@@ -31,46 +31,93 @@ var reasons = map[int]string{
 
 type request struct {
 	method, target, path, query string
-	lines                       [][]byte // header lines, as sent (without CRLF)
 	body                        []byte
+	// the headers anything here reads (lower-case names); the others are skipped
+	contentLength, transferEncoding, expect, connection string
+	forwarded, accept, contentType, acceptEncoding      string
 }
 
-// header: a header's value (name in lower case), or "".
+// header: the value of one of the headers kept (name in lower case), or "".
 func (r *request) header(name string) string {
-	for _, line := range r.lines {
-		colon := bytes.IndexByte(line, ':')
-		if colon == len(name) && strings.EqualFold(string(line[:colon]), name) {
-			return string(bytes.TrimSpace(line[colon+1:]))
-		}
+	switch name {
+	case "x-tokenmeter-forwarded":
+		return r.forwarded
+	case "accept":
+		return r.accept
+	case "content-type":
+		return r.contentType
+	case "accept-encoding":
+		return r.acceptEncoding
 	}
 	return ""
 }
 
+// keep stores a header line's value if the server reads that header.
+func (r *request) keep(line []byte) {
+	colon := bytes.IndexByte(line, ':')
+	if colon <= 0 {
+		return
+	}
+	var to *string
+	switch name := line[:colon]; {
+	case bytes.EqualFold(name, []byte("content-length")):
+		to = &r.contentLength
+	case bytes.EqualFold(name, []byte("transfer-encoding")):
+		to = &r.transferEncoding
+	case bytes.EqualFold(name, []byte("expect")):
+		to = &r.expect
+	case bytes.EqualFold(name, []byte("connection")):
+		to = &r.connection
+	case bytes.EqualFold(name, []byte("x-tokenmeter-forwarded")):
+		to = &r.forwarded
+	case bytes.EqualFold(name, []byte("accept")):
+		to = &r.accept
+	case bytes.EqualFold(name, []byte("content-type")):
+		to = &r.contentType
+	case bytes.EqualFold(name, []byte("accept-encoding")):
+		to = &r.acceptEncoding
+	default:
+		return
+	}
+	*to = string(bytes.TrimSpace(line[colon+1:]))
+}
+
 var errHeadTooLarge = errors.New("request head too large")
 
-// readHead reads the request line and headers, up to the empty line.
-func readHead(r *bufio.Reader) ([][]byte, error) {
-	var lines [][]byte
+// readHead reads the request line and the headers, up to the empty line.
+func readHead(r *bufio.Reader) (*request, string, error) {
+	var req *request
+	version := ""
 	size := 0
 	for {
 		line, err := r.ReadSlice('\n')
 		size += len(line)
 		if errors.Is(err, bufio.ErrBufferFull) || size > maxHead {
-			return nil, errHeadTooLarge
+			return nil, "", errHeadTooLarge
 		}
 		if err != nil {
-			return nil, err
+			return nil, "", err
 		}
 		line = bytes.TrimRight(line, "\r\n")
-		if len(line) == 0 {
-			if len(lines) == 0 {
-				continue // a stray CRLF between requests
+		switch {
+		case len(line) == 0 && req == nil:
+			continue // a stray CRLF between requests
+		case len(line) == 0:
+			return req, version, nil
+		case req == nil:
+			parts := strings.Split(string(line), " ")
+			if len(parts) != 3 {
+				return nil, "", errBadRequestLine
 			}
-			return lines, nil
+			req = &request{method: parts[0], target: parts[1]}
+			version = parts[2]
+		default:
+			req.keep(line)
 		}
-		lines = append(lines, append([]byte(nil), line...))
 	}
 }
+
+var errBadRequestLine = errors.New("malformed request line")
 
 func (srv *Server) serve(ln net.Listener) {
 	for {
@@ -92,30 +139,25 @@ func (srv *Server) serveConn(conn net.Conn) {
 	r := bufio.NewReaderSize(conn, maxHead+1)
 	out := make([]byte, 0, 1024)
 	for {
-		lines, err := readHead(r)
+		req, version, err := readHead(r)
 		if err != nil {
 			if errors.Is(err, errHeadTooLarge) {
 				srv.send(conn, &out, errorReply(431, "request head too large"), false)
+			} else if errors.Is(err, errBadRequestLine) {
+				srv.send(conn, &out, errorReply(400, "malformed request line"), false)
 			}
 			return
 		}
-		parts := strings.Split(string(lines[0]), " ")
-		if len(parts) != 3 {
-			srv.send(conn, &out, errorReply(400, "malformed request line"), false)
-			return
-		}
-		req := &request{method: parts[0], target: parts[1], lines: lines[1:]}
-		version := parts[2]
 		if !strings.HasPrefix(version, "HTTP/1.") {
 			srv.send(conn, &out, errorReply(505, "malformed request line"), false)
 			return
 		}
-		if req.header("transfer-encoding") != "" {
+		if req.transferEncoding != "" {
 			srv.send(conn, &out, errorReply(411, "send the body with Content-Length"), false)
 			return
 		}
 		length := 0
-		if text := req.header("content-length"); text != "" {
+		if text := req.contentLength; text != "" {
 			n, err := strconv.Atoi(text)
 			if err != nil || n < 0 || strings.TrimLeft(text, "0123456789") != "" {
 				srv.send(conn, &out, errorReply(400, "bad Content-Length"), false)
@@ -128,7 +170,7 @@ func (srv *Server) serveConn(conn net.Conn) {
 			return
 		}
 		if length > 0 {
-			if r.Buffered() < length && strings.EqualFold(req.header("expect"), "100-continue") {
+			if r.Buffered() < length && strings.EqualFold(req.expect, "100-continue") {
 				if _, err := conn.Write([]byte("HTTP/1.1 100 Continue\r\n\r\n")); err != nil {
 					return
 				}
@@ -138,7 +180,7 @@ func (srv *Server) serveConn(conn net.Conn) {
 				return
 			}
 		}
-		connection := strings.ToLower(req.header("connection"))
+		connection := strings.ToLower(req.connection)
 		keep := connection != "close"
 		if version != "HTTP/1.1" {
 			keep = connection == "keep-alive"

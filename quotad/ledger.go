@@ -389,11 +389,10 @@ func (l *Ledger) addTo(period string, tu, cny decimal.Decimal) {
 	}
 }
 
-// addUsage counts one stored, rated event in its day and month, and settles the
-// pending hold committed for it.
-func (l *Ledger) addUsage(eventMS int64, tu, cny decimal.Decimal, eventID string, now int64) {
-	l.addTo(periodKey(eventMS, "day"), tu, cny)
-	l.addTo(periodKey(eventMS, "month"), tu, cny)
+// settleEvent: a usage event was stored (its usage counted): drop the pending hold
+// committed for it, or, while reservations are open, remember it for a while, so that
+// a commit sent after the event does not hold the amount again.
+func (l *Ledger) settleEvent(eventID string, now int64) {
 	if id, ok := l.byEvent[eventID]; ok {
 		delete(l.byEvent, eventID)
 		if h := l.Holds[id]; h != nil {
@@ -401,8 +400,6 @@ func (l *Ledger) addUsage(eventMS int64, tu, cny decimal.Decimal, eventID string
 			l.pending = l.pending.Sub(h.Amount)
 		}
 	} else if l.reserved.Sign() > 0 {
-		// its commit may still come (sent after the event): remember the event for a
-		// while, so that commit does not hold the amount again
 		l.landed[eventID] = now
 		l.push(expiry{now + settledMemoryMS, expLanded, eventID})
 	}

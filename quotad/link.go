@@ -20,6 +20,7 @@ import (
 	"io"
 	"net"
 	"regexp"
+	"runtime"
 	"strconv"
 	"sync"
 
@@ -119,26 +120,50 @@ func (d definitionJSON) definition() (*Definition, error) {
 	return out, nil
 }
 
-// singles: [tenant, subscriber, event_ms, tu, cny, event_id, partition]
-func decodeSingles(raw json.RawMessage) ([]ratedItem, error) {
+// singles: [tenant, subscriber, event_ms, tu, cny, event_id, partition], summed per
+// quota and day here, off the lock (yielding now and then: the calls run on the same
+// thread).
+func decodeSingles(raw json.RawMessage) (*usageBatch, error) {
 	rows, err := decode[[][7]json.RawMessage](raw)
 	if err != nil {
 		return nil, err
 	}
-	out := make([]ratedItem, 0, len(rows))
-	for _, r := range rows {
-		var it ratedItem
-		var tu, cny string
-		if err := unmarshalAll(r[:], &it.Tenant, &it.Subscriber, &it.EventMS, &tu, &cny, &it.EventID, &it.Partition); err != nil {
+	type group struct {
+		tenant, subscriber string
+		partition          int
+		day                string
+	}
+	index := map[group]int{}
+	out := &usageBatch{events: make([]eventRef, 0, len(rows))}
+	for n, r := range rows {
+		var it struct {
+			tenant, subscriber, tu, cny, eventID string
+			eventMS                              int64
+			partition                            int
+		}
+		if err := unmarshalAll(r[:], &it.tenant, &it.subscriber, &it.eventMS, &it.tu, &it.cny, &it.eventID, &it.partition); err != nil {
 			return nil, err
 		}
-		if it.TU, err = dec(tu); err != nil {
+		tu, err := dec(it.tu)
+		if err != nil {
 			return nil, err
 		}
-		if it.CNY, err = dec(cny); err != nil {
+		cny, err := dec(it.cny)
+		if err != nil {
 			return nil, err
 		}
-		out = append(out, it)
+		g := group{it.tenant, it.subscriber, it.partition, dayKey(it.eventMS)}
+		if i, ok := index[g]; ok {
+			out.sums[i].TU = out.sums[i].TU.Add(tu)
+			out.sums[i].CNY = out.sums[i].CNY.Add(cny)
+		} else {
+			index[g] = len(out.sums)
+			out.sums = append(out.sums, groupSum{g.tenant, g.subscriber, g.partition, g.day, tu, cny})
+		}
+		out.events = append(out.events, eventRef{it.tenant, it.subscriber, it.eventID})
+		if n%256 == 255 {
+			runtime.Gosched()
+		}
 	}
 	return out, nil
 }
@@ -205,44 +230,50 @@ func unmarshalAll(raws []json.RawMessage, targets ...any) error {
 
 var errUnknown = errors.New("unknown message")
 
-// onMessage applies one message of the worker (the server's lock is held).
-func (srv *Server) onMessage(parts []json.RawMessage) error {
+// change is one decoded message of the worker, to apply (it takes the server's lock).
+type change func() error
+
+// locked: f under the server's lock.
+func (srv *Server) locked(f change) change {
+	return func() error {
+		srv.service.mu.Lock()
+		defer srv.service.mu.Unlock()
+		return f()
+	}
+}
+
+// decodeMessage decodes one message of the worker (without the server's lock: a batch's
+// usage can take milliseconds to decode, and the calls go on meanwhile) into the change
+// to apply.
+func (srv *Server) decodeMessage(parts []json.RawMessage) (change, error) {
 	var kind string
 	if err := json.Unmarshal(parts[0], &kind); err != nil {
-		return err
+		return nil, err
 	}
 	s := srv.service
-	need := func(n int) error {
-		if len(parts) < n {
-			return fmt.Errorf("%s: %d parts, want %d", kind, len(parts), n)
-		}
-		return nil
+	if want := map[string]int{"apply": 3, "install": 5, "definition": 3, "assigned": 2,
+		"revoked": 2, "partitions": 2, "routes": 2, "ask": 3}[kind]; len(parts) < want {
+		return nil, fmt.Errorf("%s: %d parts, want %d", kind, len(parts), want)
 	}
 	switch kind {
 	case "apply":
-		if err := need(3); err != nil {
-			return err
-		}
 		singles, err := decodeSingles(parts[1])
 		if err != nil {
-			return fmt.Errorf("apply: %w", err)
+			return nil, fmt.Errorf("apply: %w", err)
 		}
 		sums, err := decodeSums(parts[2])
 		if err != nil {
-			return fmt.Errorf("apply: %w", err)
+			return nil, fmt.Errorf("apply: %w", err)
 		}
-		s.apply(singles, sums)
+		return func() error { s.apply(singles, sums); return nil }, nil // it locks itself
 	case "install":
-		if err := need(5); err != nil {
-			return err
-		}
 		ps, err := decode[[]int](parts[1])
 		if err != nil {
-			return err
+			return nil, err
 		}
 		pairs, err := decode[[][2]string](parts[2])
 		if err != nil {
-			return err
+			return nil, err
 		}
 		keys := make([]QuotaKey, len(pairs))
 		for i, p := range pairs {
@@ -250,79 +281,71 @@ func (srv *Server) onMessage(parts []json.RawMessage) error {
 		}
 		rows, err := decodeRows(parts[3])
 		if err != nil {
-			return fmt.Errorf("install: %w", err)
+			return nil, fmt.Errorf("install: %w", err)
 		}
 		landed, err := decode[[]string](parts[4])
 		if err != nil {
-			return err
+			return nil, err
 		}
-		s.install(ps, keys, rows, landed)
+		return srv.locked(func() error { s.install(ps, keys, rows, landed); return nil }), nil
 	case "definition":
-		if err := need(3); err != nil {
-			return err
-		}
 		topicKey, err := decode[string](parts[1])
 		if err != nil {
-			return err
+			return nil, err
 		}
 		raw, err := decode[*definitionJSON](parts[2])
 		if err != nil {
-			return err
+			return nil, err
 		}
 		var d *Definition
 		if raw != nil {
 			if d, err = raw.definition(); err != nil {
-				return fmt.Errorf("definition %s: %w", topicKey, err)
+				return nil, fmt.Errorf("definition %s: %w", topicKey, err)
 			}
 		}
-		s.setDefinition(keyFromTopicKey(topicKey), d)
-	case "assigned":
+		return srv.locked(func() error { s.setDefinition(keyFromTopicKey(topicKey), d); return nil }), nil
+	case "assigned", "revoked":
 		ps, err := decode[[]int](parts[1])
 		if err != nil {
-			return err
+			return nil, err
 		}
-		for _, p := range ps {
-			s.assigned[p] = true
+		if kind == "revoked" {
+			return srv.locked(func() error { s.revoke(ps); return nil }), nil
 		}
-	case "revoked":
-		ps, err := decode[[]int](parts[1])
-		if err != nil {
-			return err
-		}
-		s.revoke(ps)
+		return srv.locked(func() error {
+			for _, p := range ps {
+				s.assigned[p] = true
+			}
+			return nil
+		}), nil
 	case "partitions":
 		n, err := decode[int](parts[1])
 		if err != nil {
-			return err
+			return nil, err
 		}
-		return s.setPartitions(n)
+		return srv.locked(func() error { return s.setPartitions(n) }), nil
 	case "started":
-		s.started = true
+		return srv.locked(func() error { s.started = true; return nil }), nil
 	case "routes":
 		found, err := decode[map[string]string](parts[1])
 		if err != nil {
-			return err
+			return nil, err
 		}
 		routes := map[int]route{}
 		for p, url := range found {
 			n, err := strconv.Atoi(p)
 			if err != nil {
-				return err
+				return nil, err
 			}
 			routes[n] = newRoute(url)
 		}
-		srv.routes = routes
+		return srv.locked(func() error { srv.routes = routes; return nil }), nil
 	case "ask":
-		if err := need(3); err != nil {
-			return err
-		}
 		question, err := decode[[]string](parts[2])
 		if err != nil || len(question) == 0 || question[0] != "pending_ids" {
-			return fmt.Errorf("ask: unknown question %s", parts[2])
+			return nil, fmt.Errorf("ask: unknown question %s", parts[2])
 		}
-		return srv.link.send("answer", parts[1], s.pendingIDs())
-	default:
-		return fmt.Errorf("%w %q", errUnknown, kind)
+		return srv.locked(func() error { return srv.link.send("answer", parts[1], s.pendingIDs()) }), nil
 	}
-	return nil
+	return nil, fmt.Errorf("%w %q", errUnknown, kind)
 }

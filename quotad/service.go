@@ -9,6 +9,7 @@ package main
 import (
 	"fmt"
 	"log"
+	"runtime"
 	"sync"
 	"time"
 
@@ -218,13 +219,22 @@ func (s *Service) release(id string) (*Settlement, error) {
 
 // ---- the worker's changes (callers hold s.mu) -------------------------------------------
 
-type ratedItem struct {
-	Tenant, Subscriber string
-	EventMS            int64
-	TU, CNY            decimal.Decimal
-	EventID            string
-	Partition          int
+// usageBatch: the stored events of tenants with a quota, as the worker sent them
+// (decoded without the lock): their usage summed per quota and Beijing day, and their
+// ids in order, to settle the holds committed for them.
+type usageBatch struct {
+	sums   []groupSum
+	events []eventRef
 }
+
+type groupSum struct {
+	Tenant, Subscriber string
+	Partition          int
+	Day                string
+	TU, CNY            decimal.Decimal
+}
+
+type eventRef struct{ Tenant, Subscriber, EventID string }
 
 type daySum struct {
 	Tenant     string
@@ -241,29 +251,56 @@ type usageRow struct {
 	TU, CNY            decimal.Decimal
 }
 
-// apply counts a stored batch (the worker has counted it the same way).
-func (s *Service) apply(singles []ratedItem, agg []daySum) {
-	now := s.clock()
+// settleChunk: how many events' holds are settled per hold of the lock; the calls
+// waiting for it go in between.
+const settleChunk = 256
+
+// apply counts a stored batch (the worker has counted it the same way). It takes the
+// lock itself, in steps, so that a batch of thousands of events does not hold a call up
+// for milliseconds: the usage first, then the holds of the events, settleChunk at a time.
+// In between, a call sees the usage counted and some holds still held: the quota looks
+// fuller for a moment, never emptier, so a hard limit still holds.
+func (s *Service) apply(b *usageBatch, agg []daySum) {
+	s.mu.Lock()
 	for _, a := range agg {
-		l := s.ledgers[QuotaKey{Tenant: a.Tenant}]
-		if l == nil {
-			l = newLedger(QuotaKey{Tenant: a.Tenant}, s.definitions[QuotaKey{Tenant: a.Tenant}], s.pendingTTLMS, a.Partition)
-			s.ledgers[l.Key] = l
-		}
+		l := s.ledgerIn(QuotaKey{Tenant: a.Tenant}, a.Partition)
 		l.addPeriodUsage(a.Day, a.Month, a.TU, a.CNY, a.EventIDs)
 	}
-	for _, it := range singles {
-		k := QuotaKey{Tenant: it.Tenant}
-		l := s.ledgers[k]
-		if l == nil {
-			l = newLedger(k, s.definitions[k], s.pendingTTLMS, it.Partition)
-			s.ledgers[k] = l
+	for _, g := range b.sums {
+		ls := []*Ledger{s.ledgerIn(QuotaKey{Tenant: g.Tenant}, g.Partition)}
+		if sub := s.ledgers[QuotaKey{g.Tenant, g.Subscriber}]; sub != nil {
+			ls = append(ls, sub)
 		}
-		l.addUsage(it.EventMS, it.TU, it.CNY, it.EventID, now)
-		if sub := s.ledgers[QuotaKey{it.Tenant, it.Subscriber}]; sub != nil {
-			sub.addUsage(it.EventMS, it.TU, it.CNY, it.EventID, now)
+		for _, l := range ls {
+			l.addTo(g.Day, g.TU, g.CNY)
+			l.addTo(g.Day[:7], g.TU, g.CNY)
 		}
 	}
+	s.mu.Unlock()
+	for start := 0; start < len(b.events); start += settleChunk {
+		s.mu.Lock()
+		now := s.clock()
+		for _, e := range b.events[start:min(start+settleChunk, len(b.events))] {
+			if l := s.ledgers[QuotaKey{Tenant: e.Tenant}]; l != nil {
+				l.settleEvent(e.EventID, now)
+			}
+			if sub := s.ledgers[QuotaKey{e.Tenant, e.Subscriber}]; sub != nil {
+				sub.settleEvent(e.EventID, now)
+			}
+		}
+		s.mu.Unlock()
+		runtime.Gosched()
+	}
+}
+
+// ledgerIn: the ledger of k, made (in partition) if there is none yet.
+func (s *Service) ledgerIn(k QuotaKey, partition int) *Ledger {
+	l := s.ledgers[k]
+	if l == nil {
+		l = newLedger(k, s.definitions[k], s.pendingTTLMS, partition)
+		s.ledgers[k] = l
+	}
+	return l
 }
 
 // install sets the usage the worker restored from the warehouse (absolute, not added)

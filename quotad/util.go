@@ -55,12 +55,37 @@ const (
 )
 
 func periodKey(ms int64, period string) string {
-	t := time.UnixMilli(ms + beijingMS).UTC()
+	day := dayKey(ms)
 	if period == "month" {
-		return t.Format("2006-01")
+		return day[:7]
 	}
-	return t.Format("2006-01-02")
+	return day
 }
+
+// dayKey: the Beijing day of ms, memoised per day (every stored event asks for it).
+func dayKey(ms int64) string {
+	local := ms + beijingMS
+	index := local / dayMS
+	if local%dayMS < 0 {
+		index-- // floor, for times before 1970
+	}
+	dayMu.Lock()
+	defer dayMu.Unlock()
+	if found, ok := dayKeys[index]; ok {
+		return found
+	}
+	if len(dayKeys) >= 4096 {
+		clear(dayKeys)
+	}
+	found := time.UnixMilli(ms + beijingMS).UTC().Format("2006-01-02")
+	dayKeys[index] = found
+	return found
+}
+
+var (
+	dayMu   sync.Mutex
+	dayKeys = map[int64]string{}
+)
 
 // previousMonth: "2026-01" -> "2025-12".
 func previousMonth(month string) string {

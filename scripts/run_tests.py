@@ -1,5 +1,5 @@
-"""`make test`: check the quota server's Go code (gofmt, go vet, go test), start a
-dedicated Kafka broker, run the whole test suite, stop the broker.
+"""`make test`: check the Go code (gofmt, go vet, go test), start a dedicated Kafka
+broker, run the whole test suite, stop the broker.
 
 The broker gets its own data directory (.tokenmeter-test/) and ports (19092/19093 by
 default), so a `tokenmeter demo` broker on 9092 is never touched. If the broker cannot
@@ -20,26 +20,30 @@ TEST_DATA = ROOT / ".tokenmeter-test"
 PORT = int(os.environ.get("TOKENMETER_TEST_KAFKA_PORT", "19092"))
 
 
-def check_quotad() -> bool:
-    """The quota server's Go code: formatted, vetted, its own tests passing."""
-    quotad = ROOT / "quotad"
-    print("== quota server (quotad/): gofmt, go vet, go test", flush=True)
-    unformatted = subprocess.run(
-        ["gofmt", "-l", "."], cwd=quotad, capture_output=True, text=True
-    ).stdout.split()
-    if unformatted:
-        print(f"== FAILED: gofmt would change {', '.join(unformatted)}", flush=True)
-        return False
-    for cmd in (["go", "vet", "./..."], ["go", "test", "./..."]):
-        if subprocess.run(cmd, cwd=quotad).returncode != 0:
-            print(f"== FAILED: {' '.join(cmd)} in quotad/", flush=True)
+def check_go() -> bool:
+    """The Go code: the quota server (quotad/) and the quota benchmark's load generator
+    (tests/perf/quotaload/) formatted and vetted; the quota server's own tests passing."""
+    print("== Go code (quotad/, tests/perf/quotaload/): gofmt, go vet, go test", flush=True)
+    for module, cmds in (
+        (ROOT / "quotad", (["go", "vet", "./..."], ["go", "test", "./..."])),
+        (ROOT / "tests" / "perf" / "quotaload", (["go", "vet", "./..."],)),
+    ):
+        unformatted = subprocess.run(
+            ["gofmt", "-l", "."], cwd=module, capture_output=True, text=True
+        ).stdout.split()
+        if unformatted:
+            print(f"== FAILED: gofmt would change {', '.join(unformatted)} in {module}", flush=True)
             return False
+        for cmd in cmds:
+            if subprocess.run(cmd, cwd=module).returncode != 0:
+                print(f"== FAILED: {' '.join(cmd)} in {module.relative_to(ROOT)}", flush=True)
+                return False
     return True
 
 
 def main() -> int:
     bench = "--bench" in sys.argv[1:]
-    if not bench and not check_quotad():
+    if not bench and not check_go():
         return 1
     extra = [a for a in sys.argv[1:] if a != "--bench"]
     env = dict(os.environ)

@@ -148,6 +148,7 @@ def server_config(settings: Settings) -> dict[str, Any]:
         "pseudonym_key": settings.pseudonym_secret().hex(),
         "pending_ttl_ms": 300_000,
         "nice": settings.quota_server_nice,
+        "rtprio": settings.quota_server_rtprio,
     }
 
 

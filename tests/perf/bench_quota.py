@@ -1,7 +1,8 @@
 """Quota service benchmark: reserve+commit round trips, and crossing-to-alert latency.
 
     TOKENMETER_KAFKA_BOOTSTRAP=127.0.0.1:19092 .venv/bin/python tests/perf/bench_quota.py \
-        [--rate 2000] [--duration 20] [--connections 32] [--alert-tenants 200] [--out F.json]
+        [--rate 2000] [--duration 20] [--connections 32] [--alert-tenants 200] [--out F.json] \
+        [--client go|python] [--client-nice N] [--client-rtprio P]
 
 Starts a real worker (subprocess, own topics and data dir, like the integration tests)
 against the broker in TOKENMETER_KAFKA_BOOTSTRAP, then:
@@ -11,22 +12,34 @@ against the broker in TOKENMETER_KAFKA_BOOTSTRAP, then:
    is ``POST reservations`` then ``POST commit`` (with the event id), and the usage
    event is then produced to Kafka (from a separate process), so the pipeline runs with
    the same traffic (one event per reservation). Pair ``i`` is due at
-   ``start + i / rate`` and starts then on an idle connection (or waits for one).
-   Reported, p50/p99/max: ``reserve_ms`` from the pair's due time to the reserve's
-   answer, ``reserve_service_ms`` from sending the reserve to its answer, ``commit_ms``
-   from sending the commit to its answer, ``reserve_commit_ms`` from the due time to the
-   commit's answer (due times, not send times, so a slow worker is not hidden by a slow
-   client: no coordinated omission); achieved reservations/s; the CPU of the worker, its
-   quota server, the load generator, the event producer, the broker and the machine
-   (percent of one core: 200 is both cores), and the load average.
+   ``start + i / rate`` and starts then on an idle connection (or waits for one, first
+   come first served); a warm-up of 400 pairs at up to 500/s comes first and is not
+   counted. Reported, p50/p99/max: ``reserve_ms`` from the pair's due time to the
+   reserve's answer, ``reserve_service_ms`` from sending the reserve to its answer,
+   ``commit_ms`` from sending the commit to its answer, ``reserve_commit_ms`` from the
+   due time to the commit's answer (due times, not send times, so a slow worker is not
+   hidden by a slow client: no coordinated omission), and ``start_lag_ms`` from the due
+   time to sending the reserve (waiting for a connection, and the client's own delay);
+   achieved reservations/s; the CPU of the worker, its quota server, the load
+   generator, the event producer, the broker and the machine (percent of one core: 200
+   is both cores), and the load average.
 2. Alert latency: ``--alert-tenants`` tenants get a hard quota of 1000 TU; one event of
    1000 TU each (20 tenants per second) crosses 50, 80 and 100 % at once. Reported: the
    time from producing the event to a consumer receiving its 100 % alert from
    ``quota-events`` (p50/p99/max).
 
 The load generator runs on the same machine (and cores) as the worker, the broker and
-the embedded ClickHouse engine, so the figures are an upper bound; it is a callback-only
-asyncio client so that it takes little of the CPU. Not collected by pytest.
+the embedded ClickHouse engine, so the figures are an upper bound, and it must take
+little of the CPU. By default (``--client go``) it is the Go program in
+``tests/perf/quotaload`` (built here with ``go build``, so it needs the Go toolchain):
+one goroutine running an epoll loop with raw system calls and a minimal HTTP/1.1
+client, at GOMAXPROCS 1; it writes one ``tenant<TAB>event_id`` line per completed pair
+to its stdout, which a thread of this process hands to the event producer, and its
+figures to a JSON file. Its CPU is ``load_generator``; ``bench_process`` is this
+process (the relay). ``--client python`` runs the former load generator instead, a
+callback-only asyncio client in this process (``PairLoad``), which takes about twice
+the CPU of the Go one (and adds about 0.5 ms to the median figures: it starts pairs on
+a 1 ms grid, and it is slower). Not collected by pytest.
 """
 
 from __future__ import annotations
@@ -36,6 +49,8 @@ import asyncio
 import collections
 import json
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -189,7 +204,7 @@ class PairClient(asyncio.Protocol):
             self.reserved_at = now
             at = body.index(b'"reservation_id":"') + 18
             rid = body[at : body.index(b'"', at)]
-            self.event_id = f"b{self.load.run}-{job[0]}"
+            self.event_id = f"b{self.load.run}-{self.load.first + job[0]}"
             commit = b'{"token_units": 800, "event_id": "%s"}' % self.event_id.encode()
             self.transport.write(
                 b"POST /v1/reservations/%s/commit HTTP/1.1\r\nHost: bench\r\n"
@@ -210,6 +225,7 @@ class PairLoad:
 
     def __init__(self, tenants: list[str], sender: Any, record: bool = True) -> None:
         self.run = uuid.uuid4().hex[:6]
+        self.first = 0  # event id number of pair 0 (the measured phase's follow the warm-up's)
         self.tenants = tenants
         self.sender = sender
         body = b'{"token_units": 1000, "ttl_s": 30}'
@@ -225,6 +241,7 @@ class PairLoad:
         self.reserve_service_ms: list[float] = []  # reserve sent -> answered
         self.commit_ms: list[float] = []  # commit sent -> answered
         self.pair_ms: list[float] = []  # due -> commit answered
+        self.lag_ms: list[float] = []  # due -> reserve sent
         self.errors: dict[str, int] = {}
         self.outstanding = 0
 
@@ -251,6 +268,7 @@ class PairLoad:
         self.reserve_service_ms.append((reserved - sent) * 1000)
         self.commit_ms.append((committed - reserved) * 1000)
         self.pair_ms.append((committed - due) * 1000)
+        self.lag_ms.append((sent - due) * 1000)
         self.sender.put(tenant, client.event_id, 800)
         self._next(client)
 
@@ -260,7 +278,13 @@ class PairLoad:
             self._next(client)
 
     def clear(self) -> None:
-        for values in (self.reserve_ms, self.reserve_service_ms, self.commit_ms, self.pair_ms):
+        for values in (
+            self.reserve_ms,
+            self.reserve_service_ms,
+            self.commit_ms,
+            self.pair_ms,
+            self.lag_ms,
+        ):
             values.clear()
 
 
@@ -301,6 +325,7 @@ async def round_trips(
 
     await drive(400, min(rate, 500.0))  # warm-up: connections, caches, first batches
     load.clear()
+    load.first = 400
     n = int(rate * duration)
     elapsed = await drive(n, rate)
     sender.flush()
@@ -325,7 +350,103 @@ async def round_trips(
         "reserve_service_ms": summary(load.reserve_service_ms),
         "commit_ms": summary(load.commit_ms),
         "reserve_commit_ms": summary(load.pair_ms),
+        "start_lag_ms": summary(load.lag_ms),
     }
+
+
+GO_CLIENT = ROOT / "tests" / "perf" / "quotaload"
+
+
+def build_go_client(tmp: Path) -> Path:
+    """``go build`` the Go load generator into ``tmp``; exits with a message without Go."""
+    go = shutil.which("go")
+    if go is None:
+        sys.exit(
+            "bench_quota.py: the Go load generator needs the Go toolchain (`go` on PATH, "
+            f"Go 1.26 or later) to build {GO_CLIENT.relative_to(ROOT)}; install it, or run "
+            "with --client python"
+        )
+    binary = tmp / "quotaload"
+    built = subprocess.run(
+        [go, "build", "-o", str(binary), "."],
+        cwd=GO_CLIENT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if built.returncode != 0:
+        sys.exit(f"bench_quota.py: go build of {GO_CLIENT} failed:\n{built.stderr}")
+    return binary
+
+
+class GoLoad:
+    """The Go load generator as a child process (the same load as ``round_trips``).
+
+    It writes a ``tenant\tevent_id`` line per completed pair to its stdout; a thread here
+    hands them to the event producer. At the end it writes its figures to ``out``,
+    closes its stdout and waits for its stdin to close, so that its CPU time can still
+    be read (``wait`` then ``close``)."""
+
+    def __init__(
+        self,
+        binary: Path,
+        base: str,
+        tenants: list[str],
+        rate: float,
+        duration: float,
+        connections: int,
+        sender: Any,
+        out: Path,
+        nice: int | None,
+        rtprio: int | None = None,
+    ) -> None:
+        self.sender = sender
+        self.out = out
+        self.rate = rate
+        cmd = [
+            str(binary),
+            "-url", base,
+            "-rate", str(rate),
+            "-duration", str(duration),
+            "-connections", str(connections),
+            "-tenants", ",".join(tenants),
+            "-run", uuid.uuid4().hex[:6],
+            "-out", str(out),
+            "-wait-stdin",
+        ]  # fmt: skip
+        if nice is not None:  # nice(1) takes an increment; every thread of the child has it
+            cmd = ["nice", "-n", str(nice - os.getpriority(os.PRIO_PROCESS, 0)), *cmd]
+        if rtprio:  # chrt(1): SCHED_FIFO for the child and every thread it starts
+            cmd = ["chrt", "--fifo", str(rtprio), *cmd]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.relay = threading.Thread(target=self._relay, name="quotaload-events", daemon=True)
+        self.relay.start()
+
+    def _relay(self) -> None:
+        assert self.proc.stdout is not None
+        put = self.sender.put
+        for line in self.proc.stdout:
+            tenant, event_id = line.decode().rstrip("\n").split("\t")
+            put(tenant, event_id, 800)
+        self.sender.flush()
+
+    def wait(self) -> None:
+        """Until the load is over (the child closed its stdout: finished, or failed)."""
+        self.relay.join()
+
+    def close(self) -> dict[str, Any]:
+        """Lets the child exit; returns its figures, in ``round_trips``'s form."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        code = self.proc.wait(30)
+        if code != 0:
+            raise RuntimeError(f"the Go load generator exited with {code} (see its stderr)")
+        result = json.loads(self.out.read_text())
+        result["offered_per_s"] = self.rate
+        for key, value in result.items():
+            if key.endswith("_ms"):  # null: no value (pct()'s NaN)
+                result[key] = {k: float("nan") if v is None else v for k, v in value.items()}
+        return result
 
 
 def alert_latency(h: Harness, n: int) -> dict[str, Any]:
@@ -420,12 +541,28 @@ def main() -> int:
         "same as TOKENMETER_QUOTA_SERVER_NICE: on one machine it competes with the\n"
         "worker, where a real gateway would run elsewhere (a negative value needs root)",
     )
+    ap.add_argument(
+        "--client-rtprio",
+        type=int,
+        default=None,
+        help="run the Go load generator under SCHED_FIFO at this priority (chrt), e.g. with\n"
+        "TOKENMETER_QUOTA_SERVER_RTPRIO: the gateway's stand-in then does not wait for a\n"
+        "core behind the worker, as a gateway on its own machine would not (needs root)",
+    )
+    ap.add_argument(
+        "--client",
+        choices=("go", "python"),
+        default="go",
+        help="the load generator: go (tests/perf/quotaload, built with `go build`) or\n"
+        "python (the asyncio client in this process, which takes more of the CPU)",
+    )
     args = ap.parse_args()
 
     import psutil
 
     bootstrap = load_settings().kafka_bootstrap
     tmp = Path(tempfile.mkdtemp(prefix="bench-quota-"))
+    binary = build_go_client(tmp) if args.client == "go" else None
     h = Harness(bootstrap, tmp)
     ensure_quota_topics(h.settings)
     run = uuid.uuid4().hex[:6]
@@ -436,6 +573,7 @@ def main() -> int:
             QuotaDefinition(tenant_id=t, period="day", limit_tu=Decimal(10) ** 15, hard=True),
         )
     result: dict[str, Any] = {"cpus": os.cpu_count()}
+    go_load: GoLoad | None = None
     try:
         h.start_worker()
         base = f"http://127.0.0.1:{h.port}"
@@ -457,8 +595,8 @@ def main() -> int:
             "load_generator": psutil.Process(),
             "event_producer": psutil.Process(sender.proc.pid),
         }
-        if args.client_nice is not None:  # after the event producer started: not for it
-            os.setpriority(os.PRIO_PROCESS, 0, args.client_nice)
+        if args.client == "python" and args.client_nice is not None:
+            os.setpriority(os.PRIO_PROCESS, 0, args.client_nice)  # not the event producer
         broker = _listener(int(bootstrap.rsplit(":", 1)[1]))
         if broker is not None:
             procs["kafka_broker"] = broker
@@ -466,21 +604,43 @@ def main() -> int:
         all0 = psutil.cpu_times()
         load0 = os.getloadavg()
         t0 = time.monotonic()
-        result["round_trips"] = asyncio.run(
-            round_trips(base, tenants, args.rate, args.duration, args.connections, sender)
-        )
+        if binary is not None:
+            go_load = GoLoad(
+                binary, base, tenants, args.rate, args.duration, args.connections, sender,
+                tmp / "quotaload.json", args.client_nice, args.client_rtprio,
+            )  # fmt: skip
+            procs["bench_process"] = procs["load_generator"]  # relays the event lines
+            procs["load_generator"] = psutil.Process(go_load.proc.pid)
+            cpu0["bench_process"], cpu0["load_generator"] = cpu0["load_generator"], 0.0
+            go_load.wait()
+            if go_load.proc.poll() is not None:  # it failed: no figures, no CPU time
+                go_load.close()
+        else:
+            result["round_trips"] = asyncio.run(
+                round_trips(base, tenants, args.rate, args.duration, args.connections, sender)
+            )
         elapsed = time.monotonic() - t0
         all1 = psutil.cpu_times()
-        result["round_trips"]["cpu_percent"] = {
+        cpu_percent = {
             name: round(100 * (sum(p.cpu_times()[:2]) - cpu0[name]) / elapsed)
             for name, p in procs.items()
         }
+        client_nice = procs["load_generator"].nice()
+        if go_load is not None:
+            result["round_trips"] = go_load.close()  # the child exits: read it before
+            go_load = None
+        result["round_trips"]["client"] = args.client
+        result["round_trips"]["cpu_percent"] = cpu_percent
         busy = (sum(all1) - all1.idle - all1.iowait) - (sum(all0) - all0.idle - all0.iowait)
         result["round_trips"]["cpu_percent"]["machine"] = round(100 * busy / elapsed)
         result["round_trips"]["nice"] = {
             "quota_server": procs["quota_server"].nice(),
             "pipeline_thread": int(h.env.get("TOKENMETER_PIPELINE_NICE", "10")),
-            "load_generator": os.getpriority(os.PRIO_PROCESS, 0),
+            "load_generator": client_nice,
+        }
+        result["round_trips"]["realtime_priority"] = {
+            "quota_server": os.sched_getparam(procs["quota_server"].pid).sched_priority,
+            "load_generator": args.client_rtprio or 0,
         }
         result["round_trips"]["load_average_before"] = [round(x, 2) for x in load0]
         result["round_trips"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
@@ -490,15 +650,21 @@ def main() -> int:
         result["worker_status"] = h.status()
         result["alerts"] = alert_latency(h, args.alert_tenants)
     finally:
+        if go_load is not None and go_load.proc.poll() is None:
+            go_load.proc.kill()
+        if binary is not None:
+            binary.unlink(missing_ok=True)
         h.close()
     print(json.dumps(result, indent=2, default=str))
     rt, al = result["round_trips"], result["alerts"]
     print(
-        f"\nreserve+commit at {rt['offered_per_s']:.0f}/s offered: {rt['achieved_per_s']:.0f}/s "
+        f"\nreserve+commit ({rt['client']} client) at {rt['offered_per_s']:.0f}/s offered: "
+        f"{rt['achieved_per_s']:.0f}/s "
         f"achieved, p50 {rt['reserve_commit_ms']['p50']:.2f} ms, "
         f"p99 {rt['reserve_commit_ms']['p99']:.2f} ms (reserve p99 "
         f"{rt['reserve_ms']['p99']:.2f} ms, commit p99 {rt['commit_ms']['p99']:.2f} ms)\n"
-        f"CPU % (of one core): {rt['cpu_percent']}; nice {rt['nice']}; load average before "
+        f"CPU % (of one core): {rt['cpu_percent']}; nice {rt['nice']}; real-time priority "
+        f"{rt['realtime_priority']}; load average before "
         f"{rt['load_average_before']}, after {rt['load_average_after']}"
     )
     print(

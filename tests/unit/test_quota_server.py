@@ -72,9 +72,9 @@ def now_ms() -> int:
 class Server:
     """The quota server process, and the worker's end of its link (this test)."""
 
-    def __init__(self, tmp_path: Path, port: int, faust_port: int) -> None:
+    def __init__(self, tmp_path: Path, port: int, faust_port: int, **settings: Any) -> None:
         self.settings = Settings(
-            data_dir=tmp_path, web_port=port, pseudonym_key=SecretStr("k" * 32)
+            data_dir=tmp_path, web_port=port, pseudonym_key=SecretStr("k" * 32), **settings
         )
         self.port = port
         self.sock, theirs = socket.socketpair()
@@ -140,8 +140,10 @@ class Server:
 
 
 @contextmanager
-def running(tmp_path: Path, faust_port: int = 1, ready: bool = True) -> Iterator[Server]:
-    server = Server(tmp_path, free_port(), faust_port)
+def running(
+    tmp_path: Path, faust_port: int = 1, ready: bool = True, **settings: Any
+) -> Iterator[Server]:
+    server = Server(tmp_path, free_port(), faust_port, **settings)
     try:
         assert server.first == ("listening",)
         if ready:
@@ -664,3 +666,32 @@ def test_a_bad_quota_server_nice_names_its_setting() -> None:
     with pytest.raises(SettingsError, match="TOKENMETER_QUOTA_SERVER_NICE"):
         load_settings(quota_server_nice=-21)
     assert load_settings(quota_server_nice=-5).quota_server_nice == -5
+
+
+def test_a_bad_quota_server_rtprio_names_its_setting() -> None:
+    from pipeline.settings import SettingsError, load_settings
+
+    with pytest.raises(SettingsError, match="TOKENMETER_QUOTA_SERVER_RTPRIO"):
+        load_settings(quota_server_rtprio=100)
+    assert load_settings().quota_server_rtprio == 0
+
+
+def test_the_server_takes_the_priorities_it_is_given(tmp_path: Path) -> None:
+    """Nice value and real-time policy reach every thread; without the privilege to
+    raise them, the server still serves (and says why in its log)."""
+    privileged = os.geteuid() == 0
+    with running(tmp_path, quota_server_nice=-3, quota_server_rtprio=7) as r:
+        http = Http(r.port)
+        assert http.call("GET", "/v1/quotas/tn-hard")[0] == 200
+        http.close()
+        threads = [int(t) for t in os.listdir(f"/proc/{r.proc.pid}/task")]
+        policies = {os.sched_getscheduler(t) for t in threads}
+        priorities = {os.sched_getparam(t).sched_priority for t in threads}
+        if privileged:
+            assert (policies, priorities) == ({os.SCHED_FIFO}, {7})
+        else:
+            assert policies == {os.SCHED_OTHER}
+    with running(tmp_path, quota_server_nice=5) as r:
+        threads = [int(t) for t in os.listdir(f"/proc/{r.proc.pid}/task")]
+        assert {os.getpriority(os.PRIO_PROCESS, t) for t in threads} == {5}
+        assert {os.sched_getscheduler(t) for t in threads} == {os.SCHED_OTHER}

@@ -1,0 +1,3 @@
+module tokenmeter/quotaload
+
+go 1.26
