@@ -17,6 +17,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log"
 	"net"
 	"net/http"
 	"net/url"
@@ -317,7 +318,9 @@ func settlementBody(st *Settlement) []byte {
 
 // ---- answering a call (the lock is held) ------------------------------------------------
 
-func (srv *Server) handle(c *call, query string, raw []byte) *reply {
+// handle answers a call; lines: what the call adds to the journal, to write before the
+// answer goes out (after the lock: the write is a system call, sometimes a slow one).
+func (srv *Server) handle(c *call, query string, raw []byte) (r *reply, lines []byte) {
 	started := time.Now()
 	outcome := ""
 	r, err := srv.answer(c, query, raw, &outcome)
@@ -325,12 +328,10 @@ func (srv *Server) handle(c *call, query string, raw []byte) *reply {
 		r = refuse(err)
 	}
 	if j := srv.service.journal; j != nil {
-		if werr := j.flush(); werr != nil {
-			r = errorReply(500, "the reservation journal cannot be written: "+werr.Error())
-		}
+		lines = j.take()
 	}
 	srv.observe(c.name, outcome, time.Since(started).Seconds())
-	return r
+	return r, lines
 }
 
 func (srv *Server) answer(c *call, query string, raw []byte, outcome *string) (*reply, error) {
@@ -483,8 +484,14 @@ func (srv *Server) dispatch(req *request) *reply {
 		s.mu.Unlock()
 		return srv.proxy(req, dest, true, 30*time.Second)
 	}
-	r := srv.handle(c, req.query, req.body)
+	r, lines := srv.handle(c, req.query, req.body)
 	s.mu.Unlock()
+	if len(lines) > 0 {
+		if err := s.journal.write(lines); err != nil {
+			log.Printf("the reservation journal cannot be written: %v", err)
+			return errorReply(500, "the reservation journal cannot be written: "+err.Error())
+		}
+	}
 	return r
 }
 

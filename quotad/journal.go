@@ -13,10 +13,12 @@ package main
 import (
 	"bufio"
 	"encoding/json"
+	"errors"
 	"log"
 	"os"
 	"path/filepath"
 	"strconv"
+	"sync"
 
 	"github.com/shopspring/decimal"
 )
@@ -28,18 +30,27 @@ type JournalHold struct {
 	Hold Hold
 }
 
+// Journal: lines are made under the service's lock (take hands a call its own), and
+// written after it, in any order between calls: a call's lines are written before its
+// answer goes out, and a reservation's next call comes after that answer, so each
+// reservation's lines stay in order. fileMu keeps writes off a file being replaced.
 type Journal struct {
-	path  string
-	file  *os.File
-	lines int
-	buf   []byte
+	path   string
+	fileMu sync.RWMutex
+	file   *os.File
+	lines  int
+	buf    []byte
 }
 
 func openJournal(path string) (*Journal, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return nil, err
 	}
-	return &Journal{path: path}, nil
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	return &Journal{path: path, file: f}, nil
 }
 
 type journalOp struct {
@@ -145,13 +156,18 @@ func (j *Journal) rewrite(live []JournalHold) error {
 			data = appendCommit(data, h.ID, h.Amount, h.EventID, h.ExpiresMS)
 		}
 	}
+	j.fileMu.Lock()
+	defer j.fileMu.Unlock()
 	if err := os.WriteFile(tmp, data, 0o600); err != nil {
 		return err
 	}
 	if err := os.Rename(tmp, j.path); err != nil {
 		return err
 	}
-	j.close()
+	if j.file != nil {
+		j.file.Close()
+		j.file = nil
+	}
 	f, err := os.OpenFile(j.path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
 	if err != nil {
 		return err
@@ -214,25 +230,39 @@ func (j *Journal) released(id string) {
 	j.lines++
 }
 
-// flush writes the lines of the calls answered since the last flush (one write).
-func (j *Journal) flush() error {
+// take hands over the lines made since the last take (the service's lock is held).
+func (j *Journal) take() []byte {
 	if len(j.buf) == 0 {
 		return nil
 	}
-	if j.file == nil {
-		f, err := os.OpenFile(j.path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
-		if err != nil {
-			return err
-		}
-		j.file = f
-	}
-	_, err := j.file.Write(j.buf)
+	out := append([]byte(nil), j.buf...)
 	j.buf = j.buf[:0]
+	return out
+}
+
+// write appends lines to the file (one write; without the service's lock).
+func (j *Journal) write(lines []byte) error {
+	j.fileMu.RLock()
+	defer j.fileMu.RUnlock()
+	if j.file == nil {
+		return errors.New("the journal is closed")
+	}
+	_, err := j.file.Write(lines)
 	return err
+}
+
+// flush writes what was not taken yet (the service's lock is held).
+func (j *Journal) flush() error {
+	if lines := j.take(); lines != nil {
+		return j.write(lines)
+	}
+	return nil
 }
 
 func (j *Journal) close() {
 	_ = j.flush()
+	j.fileMu.Lock()
+	defer j.fileMu.Unlock()
 	if j.file != nil {
 		j.file.Close()
 		j.file = nil

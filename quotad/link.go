@@ -120,9 +120,9 @@ func (d definitionJSON) definition() (*Definition, error) {
 	return out, nil
 }
 
-// singles: [tenant, subscriber, event_ms, tu, cny, event_id, partition], summed per
-// quota and day here, off the lock (yielding now and then: the calls run on the same
-// thread).
+// singles: [tenant, subscriber, event_ms, tu, cny, event_id, partition], in chunks of
+// settleChunk events, each summed per quota and day, here, off the lock (yielding
+// between chunks: the calls run on the same threads).
 func decodeSingles(raw json.RawMessage) (*usageBatch, error) {
 	rows, err := decode[[][7]json.RawMessage](raw)
 	if err != nil {
@@ -133,37 +133,40 @@ func decodeSingles(raw json.RawMessage) (*usageBatch, error) {
 		partition          int
 		day                string
 	}
-	index := map[group]int{}
-	out := &usageBatch{events: make([]eventRef, 0, len(rows))}
-	for n, r := range rows {
-		var it struct {
-			tenant, subscriber, tu, cny, eventID string
-			eventMS                              int64
-			partition                            int
+	out := &usageBatch{}
+	for start := 0; start < len(rows); start += settleChunk {
+		chunk := rows[start:min(start+settleChunk, len(rows))]
+		index := map[group]int{}
+		c := usageChunk{events: make([]eventRef, 0, len(chunk))}
+		for _, r := range chunk {
+			var it struct {
+				tenant, subscriber, tu, cny, eventID string
+				eventMS                              int64
+				partition                            int
+			}
+			if err := unmarshalAll(r[:], &it.tenant, &it.subscriber, &it.eventMS, &it.tu, &it.cny, &it.eventID, &it.partition); err != nil {
+				return nil, err
+			}
+			tu, err := dec(it.tu)
+			if err != nil {
+				return nil, err
+			}
+			cny, err := dec(it.cny)
+			if err != nil {
+				return nil, err
+			}
+			g := group{it.tenant, it.subscriber, it.partition, dayKey(it.eventMS)}
+			if i, ok := index[g]; ok {
+				c.sums[i].TU = c.sums[i].TU.Add(tu)
+				c.sums[i].CNY = c.sums[i].CNY.Add(cny)
+			} else {
+				index[g] = len(c.sums)
+				c.sums = append(c.sums, groupSum{g.tenant, g.subscriber, g.partition, g.day, tu, cny})
+			}
+			c.events = append(c.events, eventRef{it.tenant, it.subscriber, it.eventID})
 		}
-		if err := unmarshalAll(r[:], &it.tenant, &it.subscriber, &it.eventMS, &it.tu, &it.cny, &it.eventID, &it.partition); err != nil {
-			return nil, err
-		}
-		tu, err := dec(it.tu)
-		if err != nil {
-			return nil, err
-		}
-		cny, err := dec(it.cny)
-		if err != nil {
-			return nil, err
-		}
-		g := group{it.tenant, it.subscriber, it.partition, dayKey(it.eventMS)}
-		if i, ok := index[g]; ok {
-			out.sums[i].TU = out.sums[i].TU.Add(tu)
-			out.sums[i].CNY = out.sums[i].CNY.Add(cny)
-		} else {
-			index[g] = len(out.sums)
-			out.sums = append(out.sums, groupSum{g.tenant, g.subscriber, g.partition, g.day, tu, cny})
-		}
-		out.events = append(out.events, eventRef{it.tenant, it.subscriber, it.eventID})
-		if n%256 == 255 {
-			runtime.Gosched()
-		}
+		out.chunks = append(out.chunks, c)
+		runtime.Gosched()
 	}
 	return out, nil
 }

@@ -220,9 +220,12 @@ func (s *Service) release(id string) (*Settlement, error) {
 // ---- the worker's changes (callers hold s.mu) -------------------------------------------
 
 // usageBatch: the stored events of tenants with a quota, as the worker sent them
-// (decoded without the lock): their usage summed per quota and Beijing day, and their
-// ids in order, to settle the holds committed for them.
-type usageBatch struct {
+// (decoded without the lock), in chunks of up to settleChunk events: each chunk's usage
+// summed per quota and Beijing day, and its event ids in order, to settle the holds
+// committed for them.
+type usageBatch struct{ chunks []usageChunk }
+
+type usageChunk struct {
 	sums   []groupSum
 	events []eventRef
 }
@@ -251,36 +254,37 @@ type usageRow struct {
 	TU, CNY            decimal.Decimal
 }
 
-// settleChunk: how many events' holds are settled per hold of the lock; the calls
-// waiting for it go in between.
-const settleChunk = 256
+// settleChunk: how many events are applied per hold of the lock; the calls waiting
+// for it go in between.
+const settleChunk = 64
 
 // apply counts a stored batch (the worker has counted it the same way). It takes the
-// lock itself, in steps, so that a batch of thousands of events does not hold a call up
-// for milliseconds: the usage first, then the holds of the events, settleChunk at a time.
-// In between, a call sees the usage counted and some holds still held: the quota looks
-// fuller for a moment, never emptier, so a hard limit still holds.
+// lock itself, once per chunk of events, so that a batch of thousands of events does
+// not hold a call up for milliseconds. Each chunk counts its events' usage and settles
+// their holds under one hold of the lock, so a call never sees an event counted twice
+// (usage and hold) or not at all: in between, the quota is as if the batch had come in
+// smaller batches.
 func (s *Service) apply(b *usageBatch, agg []daySum) {
 	s.mu.Lock()
 	for _, a := range agg {
 		l := s.ledgerIn(QuotaKey{Tenant: a.Tenant}, a.Partition)
 		l.addPeriodUsage(a.Day, a.Month, a.TU, a.CNY, a.EventIDs)
 	}
-	for _, g := range b.sums {
-		ls := []*Ledger{s.ledgerIn(QuotaKey{Tenant: g.Tenant}, g.Partition)}
-		if sub := s.ledgers[QuotaKey{g.Tenant, g.Subscriber}]; sub != nil {
-			ls = append(ls, sub)
-		}
-		for _, l := range ls {
-			l.addTo(g.Day, g.TU, g.CNY)
-			l.addTo(g.Day[:7], g.TU, g.CNY)
-		}
-	}
 	s.mu.Unlock()
-	for start := 0; start < len(b.events); start += settleChunk {
+	for _, c := range b.chunks {
 		s.mu.Lock()
 		now := s.clock()
-		for _, e := range b.events[start:min(start+settleChunk, len(b.events))] {
+		for _, g := range c.sums {
+			ls := []*Ledger{s.ledgerIn(QuotaKey{Tenant: g.Tenant}, g.Partition)}
+			if sub := s.ledgers[QuotaKey{g.Tenant, g.Subscriber}]; sub != nil {
+				ls = append(ls, sub)
+			}
+			for _, l := range ls {
+				l.addTo(g.Day, g.TU, g.CNY)
+				l.addTo(g.Day[:7], g.TU, g.CNY)
+			}
+		}
+		for _, e := range c.events {
 			if l := s.ledgers[QuotaKey{Tenant: e.Tenant}]; l != nil {
 				l.settleEvent(e.EventID, now)
 			}
