@@ -275,45 +275,39 @@ func optionalString(raw json.RawMessage, name string) (*string, error) {
 // The two answers on every model call's path, written directly (the same JSON as the
 // encoder would write, without its reflection).
 func grantBody(g Grant) []byte {
-	b := make([]byte, 0, 192)
-	b = append(b, `{"reservation_id":`...)
-	if g.ReservationID == nil {
-		b = append(b, "null"...)
-	} else {
-		b = jsonString(b, *g.ReservationID)
-	}
-	b = append(b, `,"requested":"`...)
-	b = append(b, fmtDec(g.Requested)...)
-	b = append(b, `","granted":"`...)
-	b = append(b, fmtDec(g.Granted)...)
-	b = append(b, `","expires_at":"`...)
-	b = append(b, isoMS(g.ExpiresMS)...)
-	b = append(b, `","over_limit":`...)
-	b = strconv.AppendBool(b, g.OverLimit)
+	b := append(make([]byte, 0, 192), `{"reservation_id":`...)
+	b = appendOptional(b, g.ReservationID)
+	b = appendMember(b, "requested", fmtDec(g.Requested))
+	b = appendMember(b, "granted", fmtDec(g.Granted))
+	b = appendMember(b, "expires_at", isoMS(g.ExpiresMS))
+	b = strconv.AppendBool(append(b, `,"over_limit":`...), g.OverLimit)
 	return append(b, '}')
 }
 
 func settlementBody(st *Settlement) []byte {
-	b := make([]byte, 0, 224)
-	b = append(b, `{"reservation_id":`...)
+	b := append(make([]byte, 0, 224), `{"reservation_id":`...)
 	b = jsonString(b, st.ReservationID)
-	b = append(b, `,"outcome":"`...)
-	b = append(b, st.Outcome...)
-	b = append(b, `","granted":"`...)
-	b = append(b, fmtDec(st.Granted)...)
-	b = append(b, `","committed":"`...)
-	b = append(b, fmtDec(st.Committed)...)
-	b = append(b, `","released":"`...)
-	b = append(b, fmtDec(st.Released)...)
-	b = append(b, `","over_grant":`...)
-	b = strconv.AppendBool(b, st.OverGrant)
-	b = append(b, `,"event_id":`...)
-	if st.EventID == nil {
-		b = append(b, "null"...)
-	} else {
-		b = jsonString(b, *st.EventID)
-	}
+	b = appendMember(b, "outcome", st.Outcome)
+	b = appendMember(b, "granted", fmtDec(st.Granted))
+	b = appendMember(b, "committed", fmtDec(st.Committed))
+	b = appendMember(b, "released", fmtDec(st.Released))
+	b = strconv.AppendBool(append(b, `,"over_grant":`...), st.OverGrant)
+	b = appendOptional(append(b, `,"event_id":`...), st.EventID)
 	return append(b, '}')
+}
+
+// appendMember: ,"name":"value" (value is plain ASCII: an amount, a time, an outcome).
+func appendMember(b []byte, name, value string) []byte {
+	b = append(append(append(b, `,"`...), name...), `":"`...)
+	return append(append(b, value...), '"')
+}
+
+// appendOptional: a JSON string, or null.
+func appendOptional(b []byte, s *string) []byte {
+	if s == nil {
+		return append(b, "null"...)
+	}
+	return jsonString(b, *s)
 }
 
 // ---- answering a call (the lock is held) ------------------------------------------------

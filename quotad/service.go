@@ -172,29 +172,22 @@ func (s *Service) ledgersForReservation(k QuotaKey, id string) ([]*Ledger, error
 }
 
 func (s *Service) commit(id string, n decimal.Decimal, eventID *string) (*Settlement, error) {
-	k, err := parseReservationID(id)
-	if err != nil {
-		return nil, err
-	}
-	ls, err := s.ledgersForReservation(k, id)
-	if err != nil {
-		return nil, err
-	}
-	now := s.clock()
-	out, err := ls[0].commit(id, n, now, eventID)
-	if err != nil {
-		return nil, err
-	}
-	for _, other := range ls[1:] {
-		_, _ = other.commit(id, n, now, eventID)
-	}
-	if out.AtMS == now && s.journal != nil { // not a repeated answer
-		s.journal.committed(id, n, eventID, now+s.pendingTTLMS)
-	}
-	return out, nil
+	return s.settle(id, func(l *Ledger, now int64) (*Settlement, error) {
+		return l.commit(id, n, now, eventID)
+	}, func(now int64) { s.journal.committed(id, n, eventID, now+s.pendingTTLMS) })
 }
 
 func (s *Service) release(id string) (*Settlement, error) {
+	return s.settle(id, func(l *Ledger, now int64) (*Settlement, error) {
+		return l.release(id, now)
+	}, func(int64) { s.journal.released(id) })
+}
+
+// settle ends reservation id in its ledgers (the subscriber's, then the tenant's) with
+// end, and journals it with record unless the answer is a repeated one.
+func (s *Service) settle(
+	id string, end func(*Ledger, int64) (*Settlement, error), record func(now int64),
+) (*Settlement, error) {
 	k, err := parseReservationID(id)
 	if err != nil {
 		return nil, err
@@ -204,15 +197,15 @@ func (s *Service) release(id string) (*Settlement, error) {
 		return nil, err
 	}
 	now := s.clock()
-	out, err := ls[0].release(id, now)
+	out, err := end(ls[0], now)
 	if err != nil {
 		return nil, err
 	}
 	for _, other := range ls[1:] {
-		_, _ = other.release(id, now)
+		_, _ = end(other, now)
 	}
-	if out.AtMS == now && s.journal != nil {
-		s.journal.released(id)
+	if out.AtMS == now && s.journal != nil { // not a repeated answer
+		record(now)
 	}
 	return out, nil
 }
