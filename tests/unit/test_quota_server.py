@@ -602,6 +602,9 @@ def test_the_server_mirrors_the_workers_usage(
             worker.apply_definition(definition("tn-m", 1000, 1))
             await worker.start()
             await worker.on_partitions_assigned([0, 1, 2, 3], wait=True)
+            # the link is asynchronous: the answer to a question comes after every change
+            # sent before it was applied (so the restored partitions are served)
+            assert await link.pending_ids() == []
             http = Http(settings.web_port)
 
             def call(method: str, path: str, body: dict[str, Any] | None = None) -> Any:
