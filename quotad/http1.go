@@ -37,17 +37,27 @@ type request struct {
 	forwarded, accept, contentType, acceptEncoding      string
 }
 
+// keptHeaders: the headers a request keeps (lower-case names), and where.
+var keptHeaders = []struct {
+	name  string
+	field func(*request) *string
+}{
+	{"content-length", func(r *request) *string { return &r.contentLength }},
+	{"transfer-encoding", func(r *request) *string { return &r.transferEncoding }},
+	{"expect", func(r *request) *string { return &r.expect }},
+	{"connection", func(r *request) *string { return &r.connection }},
+	{"x-tokenmeter-forwarded", func(r *request) *string { return &r.forwarded }},
+	{"accept", func(r *request) *string { return &r.accept }},
+	{"content-type", func(r *request) *string { return &r.contentType }},
+	{"accept-encoding", func(r *request) *string { return &r.acceptEncoding }},
+}
+
 // header: the value of one of the headers kept (name in lower case), or "".
 func (r *request) header(name string) string {
-	switch name {
-	case "x-tokenmeter-forwarded":
-		return r.forwarded
-	case "accept":
-		return r.accept
-	case "content-type":
-		return r.contentType
-	case "accept-encoding":
-		return r.acceptEncoding
+	for _, h := range keptHeaders {
+		if h.name == name {
+			return *h.field(r)
+		}
 	}
 	return ""
 }
@@ -58,28 +68,12 @@ func (r *request) keep(line []byte) {
 	if colon <= 0 {
 		return
 	}
-	var to *string
-	switch name := line[:colon]; {
-	case bytes.EqualFold(name, []byte("content-length")):
-		to = &r.contentLength
-	case bytes.EqualFold(name, []byte("transfer-encoding")):
-		to = &r.transferEncoding
-	case bytes.EqualFold(name, []byte("expect")):
-		to = &r.expect
-	case bytes.EqualFold(name, []byte("connection")):
-		to = &r.connection
-	case bytes.EqualFold(name, []byte("x-tokenmeter-forwarded")):
-		to = &r.forwarded
-	case bytes.EqualFold(name, []byte("accept")):
-		to = &r.accept
-	case bytes.EqualFold(name, []byte("content-type")):
-		to = &r.contentType
-	case bytes.EqualFold(name, []byte("accept-encoding")):
-		to = &r.acceptEncoding
-	default:
-		return
+	for _, h := range keptHeaders {
+		if len(h.name) == colon && strings.EqualFold(string(line[:colon]), h.name) {
+			*h.field(r) = string(bytes.TrimSpace(line[colon+1:]))
+			return
+		}
 	}
-	*to = string(bytes.TrimSpace(line[colon+1:]))
 }
 
 var errHeadTooLarge = errors.New("request head too large")

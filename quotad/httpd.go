@@ -1,6 +1,6 @@
 package main
 
-// The HTTP side (contract section 4; pipeline/quota/web.py describes the calls):
+// The HTTP side (contract section 4; docs/quotas.md, "The HTTP API"):
 //
 //	GET    /v1/quotas/{tenant_id}[?subscriber_id=S]
 //	POST   /v1/quotas/{tenant_id}/reservations   {"token_units": n, "ttl_s": t[, "subscriber_id": s]}
@@ -25,6 +25,7 @@ import (
 	"strconv"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/shopspring/decimal"
 )
@@ -36,9 +37,6 @@ const (
 	defaultTTLS     = 30.0
 	contentJSON     = "application/json"
 )
-
-// quotaDurationBuckets: pipeline/metrics.py QUOTA_DURATION_BUCKETS (seconds).
-var quotaDurationBuckets = []float64{0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0}
 
 type call struct {
 	name          string // status | reserve | commit | release
@@ -204,14 +202,11 @@ type callBody struct {
 func parseBody(raw []byte, example string) (*callBody, error) {
 	var body callBody
 	if err := json.Unmarshal(raw, &body); err != nil {
+		// members are RawMessages, which take any JSON: a type error is the body's own
 		var wrongType *json.UnmarshalTypeError
-		if errors.As(err, &wrongType) && wrongType.Field == "" {
+		if errors.As(err, &wrongType) {
 			return nil, badRequest("body must be a JSON object: %s", example)
 		}
-		if !errors.As(err, &wrongType) {
-			return nil, badRequest("body must be JSON: %s", example)
-		}
-		// a member of the wrong JSON type: RawMessage takes any, so this is not reached
 		return nil, badRequest("body must be JSON: %s", example)
 	}
 	if string(bytes.TrimSpace(raw)) == "null" {
@@ -266,7 +261,7 @@ func optionalString(raw json.RawMessage, name string) (*string, error) {
 		return nil, nil
 	}
 	var s string
-	if err := json.Unmarshal(raw, &s); err != nil || s == "" || len([]rune(s)) > 256 {
+	if err := json.Unmarshal(raw, &s); err != nil || s == "" || utf8.RuneCountInString(s) > 256 {
 		return nil, badRequest("%s: must be a non-empty string", name)
 	}
 	return &s, nil
@@ -393,7 +388,7 @@ func (srv *Server) answer(c *call, query string, raw []byte, outcome *string) (*
 		return &reply{status: status, body: grantBody(g)}, nil
 	case "commit":
 		if c.tenant == "" {
-			return nil, &QuotaError{Kind: errNotFound, Msg: "not a reservation id: " + pyRepr(c.reservationID)}
+			return nil, notAReservation(c.reservationID)
 		}
 		body, err := parseBody(raw, `{"token_units": used}`)
 		if err != nil {
@@ -417,7 +412,7 @@ func (srv *Server) answer(c *call, query string, raw []byte, outcome *string) (*
 		return &reply{status: 200, body: settlementBody(st)}, nil
 	default: // release
 		if c.tenant == "" {
-			return nil, &QuotaError{Kind: errNotFound, Msg: "not a reservation id: " + pyRepr(c.reservationID)}
+			return nil, notAReservation(c.reservationID)
 		}
 		st, err := s.release(c.reservationID)
 		if err != nil {
@@ -428,17 +423,17 @@ func (srv *Server) answer(c *call, query string, raw []byte, outcome *string) (*
 }
 
 // observe counts a call for the worker's metrics (reservations by outcome, and the
-// time each call took here, in QUOTA_DURATION_BUCKETS).
+// time each call took here, in the worker's buckets, QUOTA_DURATION_BUCKETS).
 func (srv *Server) observe(name, outcome string, seconds float64) {
 	if outcome != "" {
 		srv.outcomes[outcome]++
 	}
 	found := srv.durations[name]
 	if found == nil {
-		found = make([]float64, len(quotaDurationBuckets)+2)
+		found = make([]float64, len(srv.buckets)+2)
 		srv.durations[name] = found
 	}
-	found[sort.SearchFloat64s(quotaDurationBuckets, seconds)]++
+	found[sort.SearchFloat64s(srv.buckets, seconds)]++
 	found[len(found)-1] += seconds
 }
 

@@ -174,7 +174,6 @@ func (j *Journal) rewrite(live []JournalHold) error {
 	}
 	j.file = f
 	j.lines = len(live)
-	j.buf = j.buf[:0]
 	return nil
 }
 
@@ -202,12 +201,7 @@ func appendCommit(b []byte, id string, amount decimal.Decimal, eventID *string, 
 	b = append(b, id...)
 	b = append(b, `","a":"`...)
 	b = append(b, fmtDec(amount)...)
-	b = append(b, `","e":`...)
-	if eventID == nil {
-		b = append(b, "null"...)
-	} else {
-		b = jsonString(b, *eventID)
-	}
+	b = appendOptional(append(b, `","e":`...), eventID)
 	b = append(b, `,"x":`...)
 	b = strconv.AppendInt(b, expires, 10)
 	return append(b, "}\n"...)
@@ -230,13 +224,11 @@ func (j *Journal) released(id string) {
 	j.lines++
 }
 
-// take hands over the lines made since the last take (the service's lock is held).
+// take hands over the lines made since the last take (the service's lock is held):
+// the call that made them writes them.
 func (j *Journal) take() []byte {
-	if len(j.buf) == 0 {
-		return nil
-	}
-	out := append([]byte(nil), j.buf...)
-	j.buf = j.buf[:0]
+	out := j.buf
+	j.buf = nil
 	return out
 }
 
@@ -251,16 +243,7 @@ func (j *Journal) write(lines []byte) error {
 	return err
 }
 
-// flush writes what was not taken yet (the service's lock is held).
-func (j *Journal) flush() error {
-	if lines := j.take(); lines != nil {
-		return j.write(lines)
-	}
-	return nil
-}
-
 func (j *Journal) close() {
-	_ = j.flush()
 	j.fileMu.Lock()
 	defer j.fileMu.Unlock()
 	if j.file != nil {

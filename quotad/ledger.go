@@ -214,10 +214,8 @@ func (l *Ledger) reserve(id string, n decimal.Decimal, ttlMS, now int64) (Grant,
 		return Grant{}, badRequest("token_units: must be >= 0")
 	}
 	l.expire(now)
-	if _, ok := l.Holds[id]; ok {
-		return Grant{}, &QuotaError{Kind: errRefused, Msg: "reservation id " + id + " already used"}
-	}
-	if _, ok := l.settled[id]; ok {
+	_, held := l.Holds[id]
+	if _, settled := l.settled[id]; held || settled {
 		return Grant{}, &QuotaError{Kind: errRefused, Msg: "reservation id " + id + " already used"}
 	}
 	expires := now + ttlMS
@@ -344,9 +342,8 @@ func (l *Ledger) remember(s *Settlement, now int64) {
 }
 
 // expire releases open reservations past their TTL and drops pending holds past the
-// pending TTL; returns how many reservations expired.
-func (l *Ledger) expire(now int64) int {
-	n := 0
+// pending TTL.
+func (l *Ledger) expire(now int64) {
 	for len(l.expiry) > 0 && l.expiry[0].when <= now {
 		e := heap.Pop(&l.expiry).(expiry)
 		switch e.kind {
@@ -372,60 +369,56 @@ func (l *Ledger) expire(now int64) int {
 		} else {
 			l.reserved = l.reserved.Sub(h.Amount)
 			l.remember(&Settlement{ReservationID: e.id, Outcome: "expired", Granted: h.Granted, Committed: zero, Released: h.Granted, AtMS: now}, now)
-			n++
 		}
 	}
-	return n
 }
 
 // ---- usage from the worker ------------------------------------------------------------
 
-func (l *Ledger) addTo(period string, tu, cny decimal.Decimal) {
-	if b := l.Usage[period]; b != nil {
+// addUsage adds tu and cny to a period's usage in m.
+func addUsage(m map[string]*Usage, period string, tu, cny decimal.Decimal) {
+	if b := m[period]; b != nil {
 		b.TU = b.TU.Add(tu)
 		b.CNY = b.CNY.Add(cny)
 	} else {
-		l.Usage[period] = &Usage{tu, cny}
+		m[period] = &Usage{tu, cny}
 	}
+}
+
+// addDay counts usage of a Beijing day ("2026-11-28") in that day and its month.
+func (l *Ledger) addDay(day string, tu, cny decimal.Decimal) {
+	addUsage(l.Usage, day, tu, cny)
+	addUsage(l.Usage, day[:7], tu, cny)
+}
+
+// dropPending drops the pending hold committed for a stored event; false if none.
+func (l *Ledger) dropPending(eventID string) bool {
+	id, ok := l.byEvent[eventID]
+	if !ok {
+		return false
+	}
+	delete(l.byEvent, eventID)
+	if h := l.Holds[id]; h != nil {
+		delete(l.Holds, id)
+		l.pending = l.pending.Sub(h.Amount)
+	}
+	return true
 }
 
 // settleEvent: a usage event was stored (its usage counted): drop the pending hold
 // committed for it, or, while reservations are open, remember it for a while, so that
 // a commit sent after the event does not hold the amount again.
 func (l *Ledger) settleEvent(eventID string, now int64) {
-	if id, ok := l.byEvent[eventID]; ok {
-		delete(l.byEvent, eventID)
-		if h := l.Holds[id]; h != nil {
-			delete(l.Holds, id)
-			l.pending = l.pending.Sub(h.Amount)
-		}
-	} else if l.reserved.Sign() > 0 {
+	if !l.dropPending(eventID) && l.reserved.Sign() > 0 {
 		l.landed[eventID] = now
 		l.push(expiry{now + settledMemoryMS, expLanded, eventID})
-	}
-}
-
-// addPeriodUsage counts a batch's usage already summed per Beijing day.
-func (l *Ledger) addPeriodUsage(day, month string, tu, cny decimal.Decimal, eventIDs []string) {
-	l.addTo(day, tu, cny)
-	l.addTo(month, tu, cny)
-	if len(eventIDs) > 0 && len(l.Holds) > 0 {
-		l.settleLanded(eventIDs)
 	}
 }
 
 // settleLanded drops pending holds whose events are already stored.
 func (l *Ledger) settleLanded(eventIDs []string) {
 	for _, e := range eventIDs {
-		id, ok := l.byEvent[e]
-		if !ok {
-			continue
-		}
-		delete(l.byEvent, e)
-		if h := l.Holds[id]; h != nil {
-			delete(l.Holds, id)
-			l.pending = l.pending.Sub(h.Amount)
-		}
+		l.dropPending(e)
 	}
 }
 

@@ -5,8 +5,8 @@ package main
 // the other end; both are this code base). Amounts are decimal strings.
 //
 // Worker -> server: ["config", {...}] first, then the changes of the worker's quota
-// service in the order it made them: ["partitions", n], ["definition", topic_key,
-// definition|null], ["assigned", [p]], ["revoked", [p]], ["apply", singles, sums],
+// service in the order it made them: ["partitions", n], ["definition", tenant,
+// subscriber, definition|null], ["assigned", [p]], ["revoked", [p]], ["apply", singles, sums],
 // ["install", parts, subscriber_keys, rows, landed_event_ids], ["started"], plus
 // ["routes", {partition: url}] and ["ask", id, ["pending_ids"]].
 // Server -> worker: ["listening"] or ["error", text] once at start, ["answer", id,
@@ -19,7 +19,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"regexp"
 	"runtime"
 	"strconv"
 	"sync"
@@ -84,16 +83,6 @@ type definitionJSON struct {
 	Hard       bool     `json:"hard"`
 }
 
-var subKeyRE = regexp.MustCompile(`^(.*)/(sub_[0-9a-f]{32})$`)
-
-// keyFromTopicKey: "tenant" or "tenant/sub_<hex>" -> QuotaKey.
-func keyFromTopicKey(text string) QuotaKey {
-	if m := subKeyRE.FindStringSubmatch(text); m != nil {
-		return QuotaKey{m[1], m[2]}
-	}
-	return QuotaKey{Tenant: text}
-}
-
 func (d definitionJSON) definition() (*Definition, error) {
 	limit, err := dec(d.LimitTU)
 	if err != nil {
@@ -140,21 +129,15 @@ func decodeSingles(raw json.RawMessage) (*usageBatch, error) {
 		c := usageChunk{events: make([]eventRef, 0, len(chunk))}
 		for _, r := range chunk {
 			var it struct {
-				tenant, subscriber, tu, cny, eventID string
-				eventMS                              int64
-				partition                            int
+				tenant, subscriber, eventID string
+				tu, cny                     decimal.Decimal
+				eventMS                     int64
+				partition                   int
 			}
 			if err := unmarshalAll(r[:], &it.tenant, &it.subscriber, &it.eventMS, &it.tu, &it.cny, &it.eventID, &it.partition); err != nil {
 				return nil, err
 			}
-			tu, err := dec(it.tu)
-			if err != nil {
-				return nil, err
-			}
-			cny, err := dec(it.cny)
-			if err != nil {
-				return nil, err
-			}
+			tu, cny := it.tu, it.cny
 			g := group{it.tenant, it.subscriber, it.partition, dayKey(it.eventMS)}
 			if i, ok := index[g]; ok {
 				c.sums[i].TU = c.sums[i].TU.Add(tu)
@@ -171,59 +154,64 @@ func decodeSingles(raw json.RawMessage) (*usageBatch, error) {
 	return out, nil
 }
 
-// sums: [tenant, partition, day, month, tu, cny, [event_ids]]
+// sums: [tenant, partition, day, tu, cny, [event_ids]]
 func decodeSums(raw json.RawMessage) ([]daySum, error) {
-	rows, err := decode[[][7]json.RawMessage](raw)
-	if err != nil {
-		return nil, err
-	}
-	out := make([]daySum, 0, len(rows))
-	for _, r := range rows {
-		var a daySum
-		var tu, cny string
-		if err := unmarshalAll(r[:], &a.Tenant, &a.Partition, &a.Day, &a.Month, &tu, &cny, &a.EventIDs); err != nil {
-			return nil, err
-		}
-		if a.TU, err = dec(tu); err != nil {
-			return nil, err
-		}
-		if a.CNY, err = dec(cny); err != nil {
-			return nil, err
-		}
-		out = append(out, a)
-	}
-	return out, nil
+	return decodeEach(raw, func(r []json.RawMessage) (a daySum, err error) {
+		err = unmarshalAll(r, &a.Tenant, &a.Partition, &a.Day, &a.TU, &a.CNY, &a.EventIDs)
+		return a, checkDay(a.Day, err)
+	})
 }
 
 // rows: [tenant, subscriber, partition, day, tu, cny]
 func decodeRows(raw json.RawMessage) ([]usageRow, error) {
-	rows, err := decode[[][6]json.RawMessage](raw)
+	return decodeEach(raw, func(r []json.RawMessage) (u usageRow, err error) {
+		err = unmarshalAll(r, &u.Tenant, &u.Subscriber, &u.Partition, &u.Day, &u.TU, &u.CNY)
+		return u, checkDay(u.Day, err)
+	})
+}
+
+// decodeEach decodes a JSON array of arrays, one value per inner array.
+func decodeEach[T any](raw json.RawMessage, one func([]json.RawMessage) (T, error)) ([]T, error) {
+	rows, err := decode[[][]json.RawMessage](raw)
 	if err != nil {
 		return nil, err
 	}
-	out := make([]usageRow, 0, len(rows))
+	out := make([]T, 0, len(rows))
 	for _, r := range rows {
-		var u usageRow
-		var tu, cny string
-		if err := unmarshalAll(r[:], &u.Tenant, &u.Subscriber, &u.Partition, &u.Day, &tu, &cny); err != nil {
+		v, err := one(r)
+		if err != nil {
 			return nil, err
 		}
-		if len(u.Day) < 7 {
-			return nil, fmt.Errorf("day %q", u.Day)
-		}
-		if u.TU, err = dec(tu); err != nil {
-			return nil, err
-		}
-		if u.CNY, err = dec(cny); err != nil {
-			return nil, err
-		}
-		out = append(out, u)
+		out = append(out, v)
 	}
 	return out, nil
 }
 
+// checkDay: a day key is "YYYY-MM-DD" (its month is its first 7 characters).
+func checkDay(day string, err error) error {
+	if err == nil && len(day) != 10 {
+		return fmt.Errorf("day %q", day)
+	}
+	return err
+}
+
+// unmarshalAll decodes raws into targets, in order; an amount (a decimal string) goes
+// into a *decimal.Decimal with the exponent -6. Too few raws is an error.
 func unmarshalAll(raws []json.RawMessage, targets ...any) error {
+	if len(raws) < len(targets) {
+		return fmt.Errorf("%d values, want %d", len(raws), len(targets))
+	}
 	for i, t := range targets {
+		if amount, ok := t.(*decimal.Decimal); ok {
+			text, err := decode[string](raws[i])
+			if err == nil {
+				*amount, err = dec(text)
+			}
+			if err != nil {
+				return err
+			}
+			continue
+		}
 		if err := json.Unmarshal(raws[i], t); err != nil {
 			return err
 		}
@@ -254,7 +242,7 @@ func (srv *Server) decodeMessage(parts []json.RawMessage) (change, error) {
 		return nil, err
 	}
 	s := srv.service
-	if want := map[string]int{"apply": 3, "install": 5, "definition": 3, "assigned": 2,
+	if want := map[string]int{"apply": 3, "install": 5, "definition": 4, "assigned": 2,
 		"revoked": 2, "partitions": 2, "routes": 2, "ask": 3}[kind]; len(parts) < want {
 		return nil, fmt.Errorf("%s: %d parts, want %d", kind, len(parts), want)
 	}
@@ -292,21 +280,19 @@ func (srv *Server) decodeMessage(parts []json.RawMessage) (change, error) {
 		}
 		return srv.locked(func() error { s.install(ps, keys, rows, landed); return nil }), nil
 	case "definition":
-		topicKey, err := decode[string](parts[1])
-		if err != nil {
-			return nil, err
-		}
-		raw, err := decode[*definitionJSON](parts[2])
-		if err != nil {
+		var k QuotaKey
+		var raw *definitionJSON
+		if err := unmarshalAll(parts[1:], &k.Tenant, &k.Subscriber, &raw); err != nil {
 			return nil, err
 		}
 		var d *Definition
 		if raw != nil {
+			var err error
 			if d, err = raw.definition(); err != nil {
-				return nil, fmt.Errorf("definition %s: %w", topicKey, err)
+				return nil, fmt.Errorf("definition %s: %w", k, err)
 			}
 		}
-		return srv.locked(func() error { s.setDefinition(keyFromTopicKey(topicKey), d); return nil }), nil
+		return srv.locked(func() error { s.setDefinition(k, d); return nil }), nil
 	case "assigned", "revoked":
 		ps, err := decode[[]int](parts[1])
 		if err != nil {
@@ -348,7 +334,11 @@ func (srv *Server) decodeMessage(parts []json.RawMessage) (change, error) {
 		if err != nil || len(question) == 0 || question[0] != "pending_ids" {
 			return nil, fmt.Errorf("ask: unknown question %s", parts[2])
 		}
-		return srv.locked(func() error { return srv.link.send("answer", parts[1], s.pendingIDs()) }), nil
+		return func() error {
+			var ids []string
+			_ = srv.locked(func() error { ids = s.pendingIDs(); return nil })()
+			return srv.link.send("answer", parts[1], ids) // not under the lock: a socket write
+		}, nil
 	}
 	return nil, fmt.Errorf("%w %q", errUnknown, kind)
 }

@@ -51,6 +51,8 @@ type config struct {
 	PendingTTLMS int64  `json:"pending_ttl_ms"`
 	Nice         int    `json:"nice"`
 	RTPrio       int    `json:"rtprio"`
+	// the upper bounds (seconds) of the worker's histogram of call times
+	DurationBuckets []float64 `json:"duration_buckets"`
 }
 
 type Server struct {
@@ -63,6 +65,7 @@ type Server struct {
 	client    *http.Client
 	outcomes  map[string]int
 	durations map[string][]float64
+	buckets   []float64
 }
 
 func main() {
@@ -130,6 +133,7 @@ func run(link *Link, faustPort int) int {
 		}, CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }},
 		outcomes:  map[string]int{},
 		durations: map[string][]float64{},
+		buckets:   cfg.DurationBuckets,
 	}
 	address := net.JoinHostPort(cfg.WebHost, strconv.Itoa(cfg.WebPort))
 	listener, err := net.Listen("tcp", address)
@@ -235,43 +239,46 @@ func dieWithParent(parent int) {
 	}
 }
 
-// setRealtime puts every thread under SCHED_FIFO at prio (TOKENMETER_QUOTA_SERVER_RTPRIO;
-// threads started later inherit it). On two shared cores a normal-policy process waits
-// tens of milliseconds for a core now and then, whatever its nice value; a real-time one
-// runs when it is ready (the kernel still keeps 5 % of each second for the others).
+// setRealtime puts every thread under SCHED_FIFO at prio (TOKENMETER_QUOTA_SERVER_RTPRIO).
+// On two shared cores a normal-policy process waits tens of milliseconds for a core now
+// and then, whatever its nice value; a real-time one runs when it is ready (the kernel
+// still keeps 5 % of each second for the others).
 func setRealtime(prio int) {
-	tasks, _ := os.ReadDir("/proc/self/task")
 	param := struct{ priority int32 }{int32(prio)}
-	for _, t := range tasks {
-		tid, err := strconv.Atoi(t.Name())
-		if err != nil {
-			continue
-		}
-		const schedFIFO = 1
+	const schedFIFO = 1
+	err := eachThread(func(tid int) error {
 		_, _, errno := syscall.RawSyscall(syscall.SYS_SCHED_SETSCHEDULER, uintptr(tid), schedFIFO, uintptr(unsafe.Pointer(&param)))
 		if errno != 0 {
-			log.Printf("TOKENMETER_QUOTA_SERVER_RTPRIO=%d not applied: %v", prio, errno)
-			return
+			return errno
 		}
+		return nil
+	})
+	if err != nil {
+		log.Printf("TOKENMETER_QUOTA_SERVER_RTPRIO=%d not applied: %v", prio, err)
 	}
 }
 
-// setPriority applies TOKENMETER_QUOTA_SERVER_NICE to every thread (Linux sets it per
-// thread; threads started later inherit it).
+// setPriority applies TOKENMETER_QUOTA_SERVER_NICE to every thread.
 func setPriority(nice int) {
 	current, err := syscall.Getpriority(syscall.PRIO_PROCESS, 0)
 	if err == nil && 20-current == nice { // the raw syscall returns 20 - nice
 		return
 	}
+	if err := eachThread(func(tid int) error { return syscall.Setpriority(syscall.PRIO_PROCESS, tid, nice) }); err != nil {
+		log.Printf("TOKENMETER_QUOTA_SERVER_NICE=%d not applied: %v", nice, err)
+	}
+}
+
+// eachThread calls f for every thread of this process, until one fails (Linux keeps
+// priorities per thread; threads started later inherit them from their creator).
+func eachThread(f func(tid int) error) error {
 	tasks, _ := os.ReadDir("/proc/self/task")
 	for _, t := range tasks {
-		tid, err := strconv.Atoi(t.Name())
-		if err != nil {
-			continue
-		}
-		if err := syscall.Setpriority(syscall.PRIO_PROCESS, tid, nice); err != nil {
-			log.Printf("TOKENMETER_QUOTA_SERVER_NICE=%d not applied: %v", nice, err)
-			return
+		if tid, err := strconv.Atoi(t.Name()); err == nil {
+			if err := f(tid); err != nil {
+				return err
+			}
 		}
 	}
+	return nil
 }

@@ -66,10 +66,13 @@ func (s *Service) partitionOf(tenant string) int {
 // owns: whether the worker has restored (and so this server serves) the tenant.
 func (s *Service) owns(tenant string) bool { return s.readyParts[s.partitionOf(tenant)] }
 
-func (s *Service) ledger(k QuotaKey) *Ledger {
+func (s *Service) ledger(k QuotaKey) *Ledger { return s.ledgerIn(k, s.partitionOf(k.Tenant)) }
+
+// ledgerIn: the ledger of k, made (in partition) if there is none yet.
+func (s *Service) ledgerIn(k QuotaKey, partition int) *Ledger {
 	l := s.ledgers[k]
 	if l == nil {
-		l = newLedger(k, s.definitions[k], s.pendingTTLMS, s.partitionOf(k.Tenant))
+		l = newLedger(k, s.definitions[k], s.pendingTTLMS, partition)
 		s.ledgers[k] = l
 	}
 	return l
@@ -210,7 +213,7 @@ func (s *Service) settle(
 	return out, nil
 }
 
-// ---- the worker's changes (callers hold s.mu) -------------------------------------------
+// ---- the worker's changes (callers hold s.mu, but for apply) ----------------------------
 
 // usageBatch: the stored events of tenants with a quota, as the worker sent them
 // (decoded without the lock), in chunks of up to settleChunk events: each chunk's usage
@@ -233,11 +236,11 @@ type groupSum struct {
 type eventRef struct{ Tenant, Subscriber, EventID string }
 
 type daySum struct {
-	Tenant     string
-	Partition  int
-	Day, Month string
-	TU, CNY    decimal.Decimal
-	EventIDs   []string
+	Tenant    string
+	Partition int
+	Day       string
+	TU, CNY   decimal.Decimal
+	EventIDs  []string
 }
 
 type usageRow struct {
@@ -261,7 +264,10 @@ func (s *Service) apply(b *usageBatch, agg []daySum) {
 	s.mu.Lock()
 	for _, a := range agg {
 		l := s.ledgerIn(QuotaKey{Tenant: a.Tenant}, a.Partition)
-		l.addPeriodUsage(a.Day, a.Month, a.TU, a.CNY, a.EventIDs)
+		l.addDay(a.Day, a.TU, a.CNY)
+		if len(l.Holds) > 0 {
+			l.settleLanded(a.EventIDs)
+		}
 	}
 	s.mu.Unlock()
 	for _, c := range b.chunks {
@@ -273,8 +279,7 @@ func (s *Service) apply(b *usageBatch, agg []daySum) {
 				ls = append(ls, sub)
 			}
 			for _, l := range ls {
-				l.addTo(g.Day, g.TU, g.CNY)
-				l.addTo(g.Day[:7], g.TU, g.CNY)
+				l.addDay(g.Day, g.TU, g.CNY)
 			}
 		}
 		for _, e := range c.events {
@@ -288,16 +293,6 @@ func (s *Service) apply(b *usageBatch, agg []daySum) {
 		s.mu.Unlock()
 		runtime.Gosched()
 	}
-}
-
-// ledgerIn: the ledger of k, made (in partition) if there is none yet.
-func (s *Service) ledgerIn(k QuotaKey, partition int) *Ledger {
-	l := s.ledgers[k]
-	if l == nil {
-		l = newLedger(k, s.definitions[k], s.pendingTTLMS, partition)
-		s.ledgers[k] = l
-	}
-	return l
 }
 
 // install sets the usage the worker restored from the warehouse (absolute, not added)
@@ -315,15 +310,8 @@ func (s *Service) install(parts []int, subKeys []QuotaKey, rows []usageRow, land
 			f = &fresh{r.Partition, map[string]*Usage{}}
 			found[k] = f
 		}
-		for _, period := range []string{r.Day, r.Day[:7]} {
-			b := f.usage[period]
-			if b == nil {
-				b = &Usage{zero, zero}
-				f.usage[period] = b
-			}
-			b.TU = b.TU.Add(r.TU)
-			b.CNY = b.CNY.Add(r.CNY)
-		}
+		addUsage(f.usage, r.Day, r.TU, r.CNY)
+		addUsage(f.usage, r.Day[:7], r.TU, r.CNY)
 	}
 	partSet := map[int]bool{}
 	for _, p := range parts {
@@ -340,12 +328,7 @@ func (s *Service) install(parts []int, subKeys []QuotaKey, rows []usageRow, land
 		}
 	}
 	for k, f := range found {
-		l := s.ledgers[k]
-		if l == nil {
-			l = newLedger(k, s.definitions[k], s.pendingTTLMS, f.part)
-			s.ledgers[k] = l
-		}
-		l.Usage = f.usage
+		s.ledgerIn(k, f.part).Usage = f.usage
 	}
 	if len(landed) > 0 {
 		for _, l := range s.ledgers {
@@ -471,9 +454,6 @@ func (s *Service) sweep(prune bool) {
 				}
 				live = append(live, JournalHold{k, *h})
 			}
-		}
-		if err := s.journal.flush(); err != nil {
-			log.Printf("quota server: journal write failed: %v", err)
 		}
 		if err := s.journal.rewrite(live); err != nil {
 			log.Printf("quota server: journal compaction failed: %v", err)

@@ -99,13 +99,6 @@ def to_tu(value: Any, name: str = "token_units") -> Decimal:
 
     Raises ``BadAmountError`` naming ``name`` for anything else (bool, NaN, negative,
     more than 6 decimals, above 1e18)."""
-    if type(value) is int and 0 <= value <= _TU_CACHED_INTS:
-        found = _TU_INTS.get(value)
-        if found is None:  # the same as below, once per integer (the common case)
-            found = Decimal(value).quantize(_MICRO)
-            if len(_TU_INTS) < 100_000:
-                _TU_INTS[value] = found
-        return found
     if isinstance(value, bool) or not isinstance(value, int | float | str | Decimal):
         raise BadAmountError(f"{name}: must be a number")
     try:
@@ -125,20 +118,7 @@ def to_tu(value: Any, name: str = "token_units") -> Decimal:
 
 def fmt(value: Decimal) -> str:
     """A TU/CNY amount as an exact string without trailing zeros (``"1500"``, ``"2.5"``)."""
-    if not value:  # -0 equals 0 (one memo key) but is written "-0"
-        return format(value.normalize(), "f")
-    found = _FMT.get(value)
-    if found is None:
-        found = format(value.normalize(), "f")
-        if len(_FMT) < 100_000:
-            _FMT[value] = found
-    return found
-
-
-# memos for the reservation hot path (Decimals are immutable: sharing them is safe)
-_TU_CACHED_INTS = 10**15
-_TU_INTS: dict[int, Decimal] = {}
-_FMT: dict[Decimal, str] = {}
+    return format(value.normalize(), "f")
 
 
 # ---- definitions -------------------------------------------------------------

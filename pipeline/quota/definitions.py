@@ -50,7 +50,13 @@ class DefinitionChange:
 
 def encode_definition(d: QuotaDefinition) -> bytes:
     """The topic value: JSON with Decimals as exact strings."""
-    body: dict[str, Any] = {
+    return json.dumps(definition_json(d), separators=(",", ":")).encode()
+
+
+def definition_json(d: QuotaDefinition) -> dict[str, Any]:
+    """A definition as JSON values, Decimals as exact strings (the topic's value; the
+    quota server reads the same)."""
+    return {
         "tenant_id": d.tenant_id,
         "subscriber_id": d.subscriber_id,
         "period": d.period,
@@ -60,7 +66,6 @@ def encode_definition(d: QuotaDefinition) -> bytes:
         "hard": d.hard,
         "updated_at": (d.updated_at or datetime.now(tz=UTC)).isoformat(),
     }
-    return json.dumps(body, separators=(",", ":")).encode()
 
 
 def decode_definition(value: bytes) -> QuotaDefinition:

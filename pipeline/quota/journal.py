@@ -25,11 +25,11 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from pipeline.metering.quota import Hold, QuotaKey, fmt
+from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
 
 COMPACT_AFTER = 200_000  # lines
-_QUOTED: dict[QuotaKey, str] = {}  # a key's tenant and subscriber, as JSON members
 
 
 @dataclass(slots=True)
@@ -38,6 +38,11 @@ class JournalHold:
 
     key: QuotaKey
     hold: Hold
+
+
+def journal_path(settings: Settings) -> Path:
+    """Where the reservations' journal is kept (by the quota server in the worker)."""
+    return settings.data_path / "quota" / "reservations.jsonl"
 
 
 class Journal:
@@ -109,14 +114,10 @@ class Journal:
     @staticmethod
     def _line_reserve(key: QuotaKey, res_id: str, amount: Decimal, expires_ms: int) -> str:
         # ids are ASCII (base64url, hex); tenant and subscriber ids go through JSON
-        quoted = _QUOTED.get(key)
-        if quoted is None:
-            if len(_QUOTED) >= 100_000:
-                _QUOTED.clear()
-            quoted = _QUOTED[key] = (
-                f'"t":{json.dumps(key.tenant_id)},"s":{json.dumps(key.subscriber_id)}'
-            )
-        return f'{{"o":"r","id":"{res_id}",{quoted},"a":"{fmt(amount)}","x":{expires_ms}}}\n'
+        return (
+            f'{{"o":"r","id":"{res_id}","t":{json.dumps(key.tenant_id)},'
+            f'"s":{json.dumps(key.subscriber_id)},"a":"{fmt(amount)}","x":{expires_ms}}}\n'
+        )
 
     @staticmethod
     def _line_commit(res_id: str, amount: Decimal, event_id: str | None, expires_ms: int) -> str:

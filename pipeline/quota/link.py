@@ -23,6 +23,7 @@ dies, the server follows it (it watches the socket and has ``PR_SET_PDEATHSIG``)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -35,10 +36,14 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.metering.quota import DEFAULT_PENDING_TTL_MS, fmt
+from pipeline.metrics import QUOTA_DURATION_BUCKETS
+from pipeline.quota.definitions import definition_json
+from pipeline.quota.journal import journal_path
+from pipeline.quota.service import key_from_topic_key
 from pipeline.settings import Settings, SettingsError
 
 if TYPE_CHECKING:
@@ -65,25 +70,22 @@ def quota_server_binary() -> Path:
     )
 
 
-def _amount(value: Decimal) -> str:
-    return format(value, "f")
-
-
 def _encode(message: tuple[Any, ...]) -> list[Any]:
-    """A change of the worker's ``QuotaService`` as the JSON the server reads."""
+    """A change of the worker's ``QuotaService`` as the JSON the server reads (amounts
+    as exact decimal strings, ``fmt``)."""
     kind = message[0]
     if kind == "apply":
         singles, sums = message[1], message[2]
         return [
             kind,
             [
-                [i.tenant_id, i.subscriber_id, i.event_ms, _amount(i.tu), _amount(i.cny),
-                 i.event_id, i.partition]
+                [i.tenant_id, i.subscriber_id, i.event_ms, fmt(i.tu), fmt(i.cny), i.event_id,
+                 i.partition]
                 for i in singles
             ],
             [
-                [tenant, part, day, month, _amount(s.tu), _amount(s.cny), s.event_ids]
-                for (tenant, part, day, month), s in sums.items()
+                [tenant, part, day, fmt(s.tu), fmt(s.cny), s.event_ids]
+                for (tenant, part, day, _month), s in sums.items()
             ],
         ]  # fmt: skip
     if kind == "install":
@@ -93,24 +95,16 @@ def _encode(message: tuple[Any, ...]) -> list[Any]:
             list(parts),
             [[k.tenant_id, k.subscriber_id] for k in sub_keys],
             [
-                [tenant, sub, part, day, _amount(Decimal(tu)), _amount(Decimal(cny))]
+                [tenant, sub, part, day, fmt(tu), fmt(cny)]
                 for tenant, sub, part, day, tu, cny in rows
             ],
             sorted(landed),
         ]
     if kind == "definition":
         change = message[1]
+        key = key_from_topic_key(change.key)
         d = change.definition
-        body = None
-        if d is not None:
-            body = {
-                "period": d.period,
-                "limit_tu": _amount(d.limit_tu),
-                "limit_cny": None if d.limit_cny is None else _amount(d.limit_cny),
-                "thresholds": [_amount(t) for t in d.thresholds],
-                "hard": d.hard,
-            }
-        return [kind, change.key, body]
+        return [kind, key.tenant_id, key.subscriber_id, definition_json(d) if d else None]
     if kind == "routes":
         return [kind, {str(p): url for p, url in dict(message[1]).items()}]
     return list(message)
@@ -144,12 +138,39 @@ def server_config(settings: Settings) -> dict[str, Any]:
     return {
         "web_host": settings.web_host,
         "web_port": settings.web_port,
-        "journal": str(settings.data_path / "quota" / "reservations.jsonl"),
+        "journal": str(journal_path(settings)),
         "pseudonym_key": settings.pseudonym_secret().hex(),
-        "pending_ttl_ms": 300_000,
+        "pending_ttl_ms": DEFAULT_PENDING_TTL_MS,
         "nice": settings.quota_server_nice,
         "rtprio": settings.quota_server_rtprio,
+        "duration_buckets": list(QUOTA_DURATION_BUCKETS),
     }
+
+
+def spawn_quota_server(
+    settings: Settings, faust_port: int
+) -> tuple[subprocess.Popen[bytes], socket.socket]:
+    """Start the quota server and send it its configuration; returns the process and
+    the worker's end of the link (the server answers ``listening`` or ``error`` first)."""
+    program = quota_server_binary()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    proc = subprocess.Popen(
+        [
+            str(program),
+            "--link-fd",
+            str(theirs.fileno()),
+            "--parent-pid",
+            str(os.getpid()),
+            "--faust-port",
+            str(faust_port),
+        ],
+        pass_fds=(theirs.fileno(),),
+    )
+    theirs.close()
+    # a server that died at once shows as the end of the link on the first read
+    with contextlib.suppress(OSError):
+        ours.sendall(frame(("config", server_config(settings))))
+    return proc, ours
 
 
 class QuotaServerProcess:
@@ -185,24 +206,9 @@ class QuotaServerProcess:
         ``SettingsError`` if it cannot (the port is taken, say). Call it from the
         thread that lives as long as the worker (the main thread): the server's
         ``PR_SET_PDEATHSIG`` fires when the thread that spawned it ends."""
-        program = quota_server_binary()
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.proc = subprocess.Popen(
-            [
-                str(program),
-                "--link-fd",
-                str(theirs.fileno()),
-                "--parent-pid",
-                str(os.getpid()),
-                "--faust-port",
-                str(self.faust_port),
-            ],
-            pass_fds=(theirs.fileno(),),
-        )
-        theirs.close()
+        self.proc, ours = spawn_quota_server(self.settings, self.faust_port)
         ours.settimeout(timeout_s)
         try:
-            ours.sendall(frame(("config", server_config(self.settings))))
             first = read_frame(ours)
         except (EOFError, TimeoutError, OSError) as exc:
             self._kill()

@@ -98,6 +98,7 @@ from pipeline.metering.quota import (
 from pipeline.quota.alerts import AlertPublisher, PublishError, decode_alert, quota_events_table
 from pipeline.quota.definitions import DefinitionChange
 from pipeline.quota.journal import Journal, JournalHold
+from pipeline.quota.journal import journal_path as default_journal_path
 from pipeline.quota.webhooks import Attempt, WebhookDispatcher, load_webhooks
 from pipeline.settings import Settings
 from pipeline.warehouse.base import Warehouse, WarehouseError, quote_literal
@@ -156,6 +157,11 @@ class Replica(Protocol):
         """The event ids of the server's pending commits (after every change sent before)."""
         ...
 
+    @property
+    def open_reservations(self) -> int:
+        """The server's count of open reservations (its last report)."""
+        ...
+
 
 class NotReadyError(QuotaError):
     """The service cannot answer for this tenant yet (starting, or its partition's
@@ -180,24 +186,12 @@ _ID_PREFIX = secrets.token_hex(4)  # per process: ids from two workers never col
 _ID_SEQ = itertools.count(1)
 
 
-# a reservation's hot path: the id's quota part, both ways (bounded: cleared when full)
-_ID_HEADS: dict[QuotaKey, str] = {}
-_ID_KEYS: dict[str, QuotaKey] = {}
-_CACHE_MAX = 100_000
-
-
 def reservation_id(key: QuotaKey) -> str:
     """A new reservation id that names its quota (so any worker can route it):
     ``rsv_<b64 tenant>.<b64 subscriber>.<process prefix><sequence, hex>``. Unique, not
     secret: the API has no authentication to protect (it listens on 127.0.0.1)."""
-    head = _ID_HEADS.get(key)
-    if head is None:
-        if len(_ID_HEADS) >= _CACHE_MAX:
-            _ID_HEADS.clear()
-        head = _ID_HEADS[key] = (
-            f"{RESERVATION_PREFIX}{_b64(key.tenant_id)}.{_b64(key.subscriber_id)}."
-        )
-    return f"{head}{_ID_PREFIX}{next(_ID_SEQ):08x}"
+    token = f"{_ID_PREFIX}{next(_ID_SEQ):08x}"
+    return f"{RESERVATION_PREFIX}{_b64(key.tenant_id)}.{_b64(key.subscriber_id)}.{token}"
 
 
 def wall_clock_ms() -> int:
@@ -209,21 +203,13 @@ def parse_reservation_id(res_id: str) -> QuotaKey:
     """The quota a reservation id belongs to; ``ReservationNotFoundError`` if malformed."""
     if not res_id.startswith(RESERVATION_PREFIX):
         raise ReservationNotFoundError(f"not a reservation id: {res_id!r}")
-    head = res_id.rpartition(".")[0]  # "rsv_<tenant>.<subscriber>" of a well-formed id
-    found = _ID_KEYS.get(head)
-    if found is not None:
-        return found
     parts = res_id[len(RESERVATION_PREFIX) :].split(".")
     if len(parts) != 3:
         raise ReservationNotFoundError(f"not a reservation id: {res_id!r}")
     try:
-        key = QuotaKey(_unb64(parts[0]), _unb64(parts[1]))
+        return QuotaKey(_unb64(parts[0]), _unb64(parts[1]))
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise ReservationNotFoundError(f"not a reservation id: {res_id!r}") from None
-    if len(_ID_KEYS) >= _CACHE_MAX:
-        _ID_KEYS.clear()
-    _ID_KEYS[head] = key
-    return key
 
 
 def murmur2_partition(key: bytes, partitions: int) -> int:
@@ -300,9 +286,7 @@ class QuotaService:
             else settings.data_path / "quota_webhooks.yaml"
         )
         self.journal: Journal | None = (
-            None
-            if replica is not None
-            else Journal(journal_path or settings.data_path / "quota" / "reservations.jsonl")
+            None if replica is not None else Journal(journal_path or default_journal_path(settings))
         )
         self._journal_replayed = False
         self.partitions = partitions
@@ -1111,7 +1095,7 @@ class QuotaService:
             "definitions": len(self.definitions),
             "ledgers": len(self.ledgers),
             # the quota server holds them when there is one (it reports its count)
-            "open_reservations": getattr(self.replica, "open_reservations", None)
+            "open_reservations": self.replica.open_reservations
             if self.replica is not None
             else sum(
                 1
@@ -1164,29 +1148,14 @@ def status_json(s: QuotaStatus) -> dict[str, Any]:
     return body
 
 
-_ISO_SECONDS: dict[int, str] = {}
-
-
-def iso_ms(ms: int) -> str:
-    """Epoch ms as ISO 8601 UTC with milliseconds (``2026-11-28T02:00:30.123+00:00``),
-    as ``datetime.isoformat(timespec="milliseconds")`` writes it; memoised per second."""
-    seconds, millis = divmod(ms, 1000)
-    base = _ISO_SECONDS.get(seconds)
-    if base is None:
-        if len(_ISO_SECONDS) >= 10_000:
-            _ISO_SECONDS.clear()
-        base = _ISO_SECONDS[seconds] = datetime.fromtimestamp(seconds, tz=UTC).strftime(
-            "%Y-%m-%dT%H:%M:%S"
-        )
-    return f"{base}.{millis:03d}+00:00"
-
-
 def grant_json(g: Grant) -> dict[str, Any]:
     return {
         "reservation_id": g.reservation_id,
         "requested": fmt(g.requested),
         "granted": fmt(g.granted),
-        "expires_at": iso_ms(g.expires_ms),
+        "expires_at": datetime.fromtimestamp(g.expires_ms / 1000, tz=UTC).isoformat(
+            timespec="milliseconds"
+        ),
         "over_limit": g.over_limit,
     }
 

@@ -14,7 +14,6 @@ import os
 import queue
 import signal
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,16 +32,11 @@ from pipeline.metering.plans import period_key
 from pipeline.metering.quota import QuotaDefinition, QuotaKey
 from pipeline.metrics import QUOTA_DURATION_BUCKETS, WorkerMetrics
 from pipeline.quota.definitions import DefinitionChange
-from pipeline.quota.link import (
-    QuotaServerProcess,
-    frame,
-    quota_server_binary,
-    read_frame,
-    server_config,
-)
+from pipeline.quota.link import QuotaServerProcess, frame, read_frame, spawn_quota_server
 from pipeline.quota.service import QuotaService, RatedItem, murmur2_partition, parse_reservation_id
 from pipeline.settings import Settings
 from pipeline.warehouse import Warehouse
+from tests.integration.harness import free_port
 from tests.unit.test_quota_service import rated
 from tests.unit.warehouse_fill import write_rated
 
@@ -59,12 +53,6 @@ def definition(
     return DefinitionChange(d.topic_key, d, 0, offset, 0)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def now_ms() -> int:
     return int(datetime.now(tz=UTC).timestamp() * 1000)
 
@@ -77,24 +65,10 @@ class Server:
             data_dir=tmp_path, web_port=port, pseudonym_key=SecretStr("k" * 32), **settings
         )
         self.port = port
-        self.sock, theirs = socket.socketpair()
-        self.proc = subprocess.Popen(
-            [
-                str(quota_server_binary()),
-                "--link-fd",
-                str(theirs.fileno()),
-                "--parent-pid",
-                str(os.getpid()),
-                "--faust-port",
-                str(faust_port),
-            ],
-            pass_fds=(theirs.fileno(),),
-        )
-        theirs.close()
+        self.proc, self.sock = spawn_quota_server(self.settings, faust_port)
         self.frames: queue.Queue[tuple[Any, ...]] = queue.Queue()
         self.stats: list[tuple[Any, ...]] = []
         self._asks = itertools.count(1)
-        self.sock.sendall(frame(("config", server_config(self.settings))))
         self.first = read_frame(self.sock)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

@@ -217,20 +217,14 @@ func (l *load) wait(d time.Duration) []syscall.EpollEvent {
 
 // rawWrite writes what the fd takes now (the system call without the runtime's
 // bookkeeping: the fd is non-blocking).
-func rawWrite(fd int, b []byte) (int, syscall.Errno) {
-	for {
-		n, _, errno := syscall.RawSyscall(syscall.SYS_WRITE, uintptr(fd),
-			uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)))
-		if errno != syscall.EINTR {
-			return int(n), errno
-		}
-	}
-}
+func rawWrite(fd int, b []byte) (int, syscall.Errno) { return rawIO(syscall.SYS_WRITE, fd, b) }
 
-func rawRead(fd int, b []byte) (int, syscall.Errno) {
+func rawRead(fd int, b []byte) (int, syscall.Errno) { return rawIO(syscall.SYS_READ, fd, b) }
+
+// rawIO: a read or write system call on b, retried when a signal interrupts it.
+func rawIO(trap uintptr, fd int, b []byte) (int, syscall.Errno) {
 	for {
-		n, _, errno := syscall.RawSyscall(syscall.SYS_READ, uintptr(fd),
-			uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)))
+		n, _, errno := syscall.RawSyscall(trap, uintptr(fd), uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)))
 		if errno != syscall.EINTR {
 			return int(n), errno
 		}
