@@ -39,6 +39,9 @@ class LagReader:
                 "bootstrap.servers": settings.kafka_bootstrap,
                 "group.id": settings.consumer_group,
                 "enable.auto.commit": False,
+                # its failures reach the caller (the worker logs one line per reading);
+                # librdkafka's own would repeat every connection retry while Kafka is down
+                "log_level": 0,
             }
         )
 

@@ -497,8 +497,9 @@ def _signal_and_wait(pid: int, wait_s: float) -> None:
 # ---------------------------------------------------------------- topics
 
 
-def _create_topics(bootstrap: str, topics: list[TopicSpec]) -> None:
-    """Create ``topics`` (replication factor 1); existing ones are left as they are."""
+def _create_topics(bootstrap: str, topics: list[TopicSpec], timeout_s: float = 30.0) -> None:
+    """Create ``topics`` (replication factor 1); existing ones are left as they are.
+    Fails after ``timeout_s`` when no broker answers."""
     if not topics:
         return
     admin = _admin(bootstrap)
@@ -506,13 +507,13 @@ def _create_topics(bootstrap: str, topics: list[TopicSpec]) -> None:
         NewTopic(t.name, num_partitions=t.partitions, replication_factor=1, config=dict(t.config))
         for t in topics
     ]
-    futures = admin.create_topics(new, operation_timeout=30, request_timeout=30)
+    futures = admin.create_topics(new, operation_timeout=timeout_s, request_timeout=timeout_s)
     failures = []
     for name, fut in futures.items():
         # exception() rather than result(): a raised exception would keep this frame, and
         # with it the client, alive in a reference cycle through the future; a lingering
         # client logs "connection refused" to stderr once the broker stops.
-        exc = fut.exception(timeout=60)
+        exc = fut.exception(timeout=2 * timeout_s)
         if exc is None:
             continue
         err = exc.args[0] if exc.args else exc
@@ -529,18 +530,21 @@ def ensure_topics(
     *,
     partitions: int | None = None,
     bootstrap: str | None = None,
+    timeout_s: float = 30.0,
 ) -> None:
     """Create ``topics`` (name -> topic config, e.g. ``{"cleanup.policy": "compact"}``).
 
     Each gets ``partitions`` partitions (default ``settings.kafka_partitions``) and
     replication factor 1, on ``bootstrap`` (default ``settings.kafka_bootstrap``). Topics
     that already exist are left as they are, whatever their config. Returns nothing;
-    raises ``StackError`` for any other failure.
+    raises ``StackError`` for any other failure, also when no broker answers within
+    ``timeout_s``.
     """
     count = partitions if partitions is not None else settings.kafka_partitions
     _create_topics(
         bootstrap or settings.kafka_bootstrap,
         [TopicSpec(name, count, dict(conf)) for name, conf in topics.items()],
+        timeout_s,
     )
 
 

@@ -104,13 +104,16 @@ def _change(msg: Any) -> DefinitionChange | None:
     return DefinitionChange(key, definition, msg.partition(), msg.offset(), int(ts))
 
 
-def ensure_quota_topics(settings: Settings) -> None:
-    """Create ``quota-events`` and the compacted definitions topic if missing."""
+def ensure_quota_topics(settings: Settings, timeout_s: float = 30.0) -> None:
+    """Create ``quota-events`` and the compacted definitions topic if missing. Raises
+    ``StackError`` when that fails, also when no broker answers within ``timeout_s``."""
     from pipeline.stack import ensure_topics
 
     specs: list[TopicSpec] = [quota_events(settings), quota_definitions(settings)]
     for spec in specs:
-        ensure_topics(settings, {spec.name: spec.config}, partitions=spec.partitions)
+        ensure_topics(
+            settings, {spec.name: spec.config}, partitions=spec.partitions, timeout_s=timeout_s
+        )
 
 
 def _producer(settings: Settings) -> Producer:

@@ -101,6 +101,7 @@ from pipeline.quota.journal import Journal, JournalHold
 from pipeline.quota.journal import journal_path as default_journal_path
 from pipeline.quota.webhooks import Attempt, WebhookDispatcher, load_webhooks
 from pipeline.settings import Settings
+from pipeline.stack import StackError
 from pipeline.warehouse.base import Warehouse, WarehouseError, quote_literal
 
 if TYPE_CHECKING:
@@ -113,6 +114,8 @@ RunBlocking = Callable[..., Awaitable[Any]]
 _SUB_KEY = re.compile(r"^(.*)/(sub_[0-9a-f]{32})$")
 _DAY_MS = 86_400_000
 _BEIJING_MS = 8 * 3_600_000
+# what a start attempt raises while Kafka or the warehouse is away: retried with backoff
+_START_RETRIED = (KafkaException, StackError, TimeoutError, WarehouseError, OSError, RuntimeError)
 RESERVATION_PREFIX = "rsv_"
 
 _QUOTAS_SCHEMA = pa.schema(
@@ -261,6 +264,7 @@ class QuotaService:
         clock: Callable[[], int] = wall_clock_ms,
         replica: Replica | None = None,
         metrics: WorkerMetrics | None = None,
+        kafka_timeout_s: float = 30.0,
     ) -> None:
         """``run_blocking(fn, *args)`` runs ``fn`` on the pipeline thread (the one that
         owns the warehouse) and returns its result; ``warehouse()`` returns the
@@ -271,8 +275,10 @@ class QuotaService:
         With ``replica`` (the worker) it keeps usage, definitions and alerts, holds no
         reservation and no journal, and mirrors every change to the quota server.
         Without one (unit tests) it also holds the reservations and the journal.
-        ``metrics``: where webhook delivery attempts are counted."""
+        ``metrics``: where webhook delivery attempts are counted. ``kafka_timeout_s``:
+        how long one start attempt waits for Kafka before it is retried."""
         self.settings = settings
+        self.kafka_timeout_s = kafka_timeout_s
         self._run = run_blocking
         self._warehouse = warehouse
         self._key = pseudonym_key
@@ -730,7 +736,9 @@ class QuotaService:
             try:
                 await self._start_once()
                 return
-            except (KafkaException, TimeoutError, WarehouseError, OSError, RuntimeError) as exc:
+            except _START_RETRIED as exc:
+                # Kafka or the warehouse went away while starting (a broker outage can
+                # begin at any point of it): never the worker's end, it retries
                 if self._stopping:
                     raise
                 log.warning("quota service not started yet (retrying in %.1f s): %s", delay, exc)
@@ -753,19 +761,22 @@ class QuotaService:
                 read_topic,
             )
 
-            await loop.run_in_executor(None, ensure_quota_topics, self.settings)
+            timeout_s = self.kafka_timeout_s
+            await loop.run_in_executor(None, ensure_quota_topics, self.settings, timeout_s)
             if self.partitions is None:
                 self.partitions = await loop.run_in_executor(None, self._usage_partition_count)
         if self.replica is not None:
             self.replica.send(("partitions", self.partitions or 1))
         if self.kafka:
-            changes, ends = await loop.run_in_executor(None, read_definitions, self.settings)
+            changes, ends = await loop.run_in_executor(
+                None, read_definitions, self.settings, timeout_s
+            )
             messages, _ = await loop.run_in_executor(
                 None,
                 read_topic,
                 self.settings,
                 self.settings.topic_quota_events,
-                30.0,
+                timeout_s,
                 "quota-scan",
             )
             for msg in messages:
@@ -836,7 +847,7 @@ class QuotaService:
         from confluent_kafka.admin import AdminClient
 
         admin = AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap, "log_level": 0})
-        meta = admin.list_topics(self.settings.topic_usage, timeout=30)
+        meta = admin.list_topics(self.settings.topic_usage, timeout=self.kafka_timeout_s)
         topic = meta.topics.get(self.settings.topic_usage)
         if topic is None or topic.error is not None or not topic.partitions:
             raise RuntimeError(f"usage topic {self.settings.topic_usage} not found")

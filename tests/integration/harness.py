@@ -31,6 +31,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# librdkafka's own lines ("%3|...|FAIL|...") and aiokafka's retries while a broker is away
+_RETRY_NOISE = (
+    "Unable connect to node",
+    "Unable to update metadata",
+    "Failed fetch messages",
+    "Connect call failed",
+    "Marking the coordinator dead",
+)
+
+
+def _retry_noise(line: str) -> bool:
+    return line.startswith("%") or any(marker in line for marker in _RETRY_NOISE)
+
+
 class Harness:
     """One isolated pipeline: topics + worker + CLI."""
 
@@ -196,10 +210,16 @@ class Harness:
                 time.sleep(1)
 
     def log_tail(self, lines: int = 60) -> str:
+        """The worker log's last ``lines`` lines, without the clients' connection retries
+        (while Kafka is down they fill any tail and hide why a worker stopped)."""
         try:
-            return "\n".join(self.worker_log.read_text(errors="replace").splitlines()[-lines:])
+            text = self.worker_log.read_text(errors="replace")
         except FileNotFoundError:
             return "(no worker log)"
+        kept = [line for line in text.splitlines() if not _retry_noise(line)]
+        left_out = len(text.splitlines()) - len(kept)
+        note = f"(worker log; {left_out} connection-retry lines left out)\n" if left_out else ""
+        return note + "\n".join(kept[-lines:])
 
     def close(self) -> None:
         if self.worker is not None:
