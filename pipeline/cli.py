@@ -118,8 +118,11 @@ def worker(
 ) -> None:
     """Run the stream processor in the foreground (Ctrl-C stops it cleanly)."""
     from pipeline.app import run_worker
+    from pipeline.stack import require_worker_topics
 
-    raise typer.Exit(run_worker(_settings(ctx), loglevel=loglevel))
+    settings = _settings(ctx)
+    require_worker_topics(settings)
+    raise typer.Exit(run_worker(settings, loglevel=loglevel))
 
 
 # ---- produce ---------------------------------------------------------------------

@@ -433,15 +433,16 @@ def _port_free(port: int) -> bool:
         return True
 
 
-def _admin(bootstrap: str) -> AdminClient:
+def _admin(bootstrap: str, log_level: int = 4) -> AdminClient:
     # log_level 4 (warning): a timed-out metadata probe while the broker starts would
     # otherwise print librdkafka's info-level "Purging unserved events" to stderr.
-    return AdminClient({"bootstrap.servers": bootstrap, "log_level": 4})
+    return AdminClient({"bootstrap.servers": bootstrap, "log_level": log_level})
 
 
-def _metadata(bootstrap: str, timeout_s: float) -> ClusterMetadata | None:
-    """A metadata response from the broker, or None if it does not answer in time."""
-    admin = _admin(bootstrap)
+def _metadata(bootstrap: str, timeout_s: float, log_level: int = 4) -> ClusterMetadata | None:
+    """A metadata response from the broker, or None if it does not answer in time.
+    ``log_level`` 0 keeps librdkafka's connection errors off stderr."""
+    admin = _admin(bootstrap, log_level)
     try:
         return admin.list_topics(timeout=timeout_s)
     except KafkaException:
@@ -546,6 +547,29 @@ def ensure_topics(
         [TopicSpec(name, count, dict(conf)) for name, conf in topics.items()],
         timeout_s,
     )
+
+
+def require_worker_topics(settings: Settings, timeout_s: float = 10.0) -> None:
+    """Before a worker starts: a broker answers at ``settings.kafka_bootstrap`` and the
+    topics it consumes exist. Raises ``StackError`` naming the setting otherwise (a
+    worker would fail with a traceback, or run and consume nothing)."""
+    bootstrap = settings.kafka_bootstrap
+    md = _metadata(bootstrap, timeout_s, log_level=0)  # the error below says it all
+    if md is None:
+        raise StackError(
+            f"TOKENMETER_KAFKA_BOOTSTRAP: no Kafka broker answers at {bootstrap} within "
+            f"{timeout_s:.0f} s (start one with `tokenmeter stack up`)"
+        )
+    needed = {
+        "TOKENMETER_TOPIC_USAGE": settings.topic_usage,
+        "TOKENMETER_TOPIC_DEAD_LETTERS": settings.topic_dead_letters,
+    }
+    missing = [f"{name}={topic}" for name, topic in needed.items() if topic not in md.topics]
+    if missing:
+        raise StackError(
+            f"{', '.join(missing)}: no such topic on {bootstrap} "
+            "(`tokenmeter stack up` creates the topics)"
+        )
 
 
 # ---------------------------------------------------------------- public commands

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import Harness
+from tests.integration.harness import Harness, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -169,3 +169,20 @@ def test_sql_is_read_only_and_errors_are_one_line(harness: Harness) -> None:
     assert proc.returncode == 2 and "readonly" in proc.stderr.lower()
     proc = harness.cli("sql", "SELECT nope FROM usage_events", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_a_worker_without_its_broker_or_topics_says_which_setting(harness: Harness) -> None:
+    # a topic that does not exist: faust would run and consume nothing
+    harness.env["TOKENMETER_TOPIC_USAGE"] = "usage-events-never-created"
+    proc = harness.cli("worker", check=False, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "TOKENMETER_TOPIC_USAGE=usage-events-never-created: no such topic" in proc.stderr
+    assert "tokenmeter stack up" in proc.stderr and "Traceback" not in proc.stderr
+
+    # no broker at the address: aiokafka would end the worker with a traceback
+    harness.env["TOKENMETER_KAFKA_BOOTSTRAP"] = f"127.0.0.1:{free_port()}"
+    proc = harness.cli("worker", check=False, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "TOKENMETER_KAFKA_BOOTSTRAP: no Kafka broker answers at" in proc.stderr
+    # one line for the user, not librdkafka's connection retries
+    assert "Traceback" not in proc.stderr and "rdkafka" not in proc.stderr, proc.stderr
