@@ -14,20 +14,13 @@ import (
 	"io"
 	"log"
 	"net"
+	"net/http"
 	"strconv"
 	"strings"
 	"time"
 )
 
 const maxHead = 16 << 10
-
-var reasons = map[int]string{
-	200: "OK", 201: "Created", 400: "Bad Request", 404: "Not Found",
-	405: "Method Not Allowed", 409: "Conflict", 411: "Length Required",
-	413: "Payload Too Large", 431: "Request Header Fields Too Large",
-	500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable",
-	505: "HTTP Version Not Supported",
-}
 
 type request struct {
 	method, target, path, query string
@@ -50,16 +43,6 @@ var keptHeaders = []struct {
 	{"accept", func(r *request) *string { return &r.accept }},
 	{"content-type", func(r *request) *string { return &r.contentType }},
 	{"accept-encoding", func(r *request) *string { return &r.acceptEncoding }},
-}
-
-// header: the value of one of the headers kept (name in lower case), or "".
-func (r *request) header(name string) string {
-	for _, h := range keptHeaders {
-		if h.name == name {
-			return *h.field(r)
-		}
-	}
-	return ""
 }
 
 // keep stores a header line's value if the server reads that header.
@@ -202,8 +185,8 @@ func lingerClose(conn net.Conn) {
 // send writes one answer (one write); false when the client is gone.
 func (srv *Server) send(conn net.Conn, buf *[]byte, r *reply, keep bool) bool {
 	b := (*buf)[:0]
-	reason, ok := reasons[r.status]
-	if !ok {
+	reason := http.StatusText(r.status)
+	if reason == "" {
 		reason = "Status"
 	}
 	ctype := r.ctype

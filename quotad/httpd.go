@@ -469,7 +469,7 @@ func (srv *Server) dispatch(req *request) *reply {
 	}
 	s := srv.service
 	s.mu.Lock()
-	if dest := srv.owner(c); dest != "" && req.header("x-tokenmeter-forwarded") == "" {
+	if dest := srv.owner(c); dest != "" && req.forwarded == "" {
 		s.mu.Unlock()
 		return srv.proxy(req, dest, true, 30*time.Second)
 	}
@@ -507,9 +507,11 @@ func (srv *Server) proxy(req *request, base string, toOwner bool, timeout time.D
 		if toOwner {
 			out.Header.Set(forwardedHeader, "1")
 		}
-		for _, name := range []string{"Accept", "Content-Type", "Accept-Encoding"} {
-			if v := req.header(strings.ToLower(name)); v != "" {
-				out.Header.Set(name, v)
+		for _, h := range [...][2]string{
+			{"Accept", req.accept}, {"Content-Type", req.contentType}, {"Accept-Encoding", req.acceptEncoding},
+		} {
+			if h[1] != "" {
+				out.Header.Set(h[0], h[1])
 			}
 		}
 		var resp *http.Response

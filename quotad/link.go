@@ -137,14 +137,13 @@ func decodeSingles(raw json.RawMessage) (*usageBatch, error) {
 			if err := unmarshalAll(r[:], &it.tenant, &it.subscriber, &it.eventMS, &it.tu, &it.cny, &it.eventID, &it.partition); err != nil {
 				return nil, err
 			}
-			tu, cny := it.tu, it.cny
-			g := group{it.tenant, it.subscriber, it.partition, dayKey(it.eventMS)}
+			g := group{it.tenant, it.subscriber, it.partition, periodKey(it.eventMS, "day")}
 			if i, ok := index[g]; ok {
-				c.sums[i].TU = c.sums[i].TU.Add(tu)
-				c.sums[i].CNY = c.sums[i].CNY.Add(cny)
+				c.sums[i].TU = c.sums[i].TU.Add(it.tu)
+				c.sums[i].CNY = c.sums[i].CNY.Add(it.cny)
 			} else {
 				index[g] = len(c.sums)
-				c.sums = append(c.sums, groupSum{g.tenant, g.subscriber, g.partition, g.day, tu, cny})
+				c.sums = append(c.sums, groupSum{g.tenant, g.subscriber, g.partition, g.day, it.tu, it.cny})
 			}
 			c.events = append(c.events, eventRef{it.tenant, it.subscriber, it.eventID})
 		}
@@ -221,6 +220,10 @@ func unmarshalAll(raws []json.RawMessage, targets ...any) error {
 
 var errUnknown = errors.New("unknown message")
 
+// messageParts: how many parts each kind of message has, at least (kind included).
+var messageParts = map[string]int{"apply": 3, "install": 5, "definition": 4, "assigned": 2,
+	"revoked": 2, "partitions": 2, "routes": 2, "ask": 3}
+
 // change is one decoded message of the worker, to apply (it takes the server's lock).
 type change func() error
 
@@ -242,8 +245,7 @@ func (srv *Server) decodeMessage(parts []json.RawMessage) (change, error) {
 		return nil, err
 	}
 	s := srv.service
-	if want := map[string]int{"apply": 3, "install": 5, "definition": 4, "assigned": 2,
-		"revoked": 2, "partitions": 2, "routes": 2, "ask": 3}[kind]; len(parts) < want {
+	if want := messageParts[kind]; len(parts) < want {
 		return nil, fmt.Errorf("%s: %d parts, want %d", kind, len(parts), want)
 	}
 	switch kind {
@@ -298,15 +300,11 @@ func (srv *Server) decodeMessage(parts []json.RawMessage) (change, error) {
 		if err != nil {
 			return nil, err
 		}
+		take := s.assign
 		if kind == "revoked" {
-			return srv.locked(func() error { s.revoke(ps); return nil }), nil
+			take = s.revoke
 		}
-		return srv.locked(func() error {
-			for _, p := range ps {
-				s.assigned[p] = true
-			}
-			return nil
-		}), nil
+		return srv.locked(func() error { take(ps); return nil }), nil
 	case "partitions":
 		n, err := decode[int](parts[1])
 		if err != nil {
@@ -335,8 +333,9 @@ func (srv *Server) decodeMessage(parts []json.RawMessage) (change, error) {
 			return nil, fmt.Errorf("ask: unknown question %s", parts[2])
 		}
 		return func() error {
-			var ids []string
-			_ = srv.locked(func() error { ids = s.pendingIDs(); return nil })()
+			s.mu.Lock()
+			ids := s.pendingIDs()
+			s.mu.Unlock()
 			return srv.link.send("answer", parts[1], ids) // not under the lock: a socket write
 		}, nil
 	}

@@ -274,12 +274,9 @@ func (s *Service) apply(b *usageBatch, agg []daySum) {
 		s.mu.Lock()
 		now := s.clock()
 		for _, g := range c.sums {
-			ls := []*Ledger{s.ledgerIn(QuotaKey{Tenant: g.Tenant}, g.Partition)}
+			s.ledgerIn(QuotaKey{Tenant: g.Tenant}, g.Partition).addDay(g.Day, g.TU, g.CNY)
 			if sub := s.ledgers[QuotaKey{g.Tenant, g.Subscriber}]; sub != nil {
-				ls = append(ls, sub)
-			}
-			for _, l := range ls {
-				l.addDay(g.Day, g.TU, g.CNY)
+				sub.addDay(g.Day, g.TU, g.CNY)
 			}
 		}
 		for _, e := range c.events {
@@ -361,6 +358,13 @@ func (s *Service) setDefinition(k QuotaKey, d *Definition) {
 	}
 	s.definitions[k] = d
 	s.ledger(k).Definition = d
+}
+
+// assign: the worker took these partitions (it restores their usage next).
+func (s *Service) assign(parts []int) {
+	for _, p := range parts {
+		s.assigned[p] = true
+	}
 }
 
 func (s *Service) revoke(parts []int) {

@@ -8,9 +8,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"regexp"
-	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 	"unicode/utf8"
@@ -55,37 +53,12 @@ const (
 )
 
 func periodKey(ms int64, period string) string {
-	day := dayKey(ms)
+	t := time.UnixMilli(ms + beijingMS).UTC()
 	if period == "month" {
-		return day[:7]
+		return t.Format("2006-01")
 	}
-	return day
+	return t.Format("2006-01-02")
 }
-
-// dayKey: the Beijing day of ms, memoised per day (every stored event asks for it).
-func dayKey(ms int64) string {
-	local := ms + beijingMS
-	index := local / dayMS
-	if local%dayMS < 0 {
-		index-- // floor, for times before 1970
-	}
-	dayMu.Lock()
-	defer dayMu.Unlock()
-	if found, ok := dayKeys[index]; ok {
-		return found
-	}
-	if len(dayKeys) >= 4096 {
-		clear(dayKeys)
-	}
-	found := time.UnixMilli(ms + beijingMS).UTC().Format("2006-01-02")
-	dayKeys[index] = found
-	return found
-}
-
-var (
-	dayMu   sync.Mutex
-	dayKeys = map[int64]string{}
-)
 
 // previousMonth: "2026-01" -> "2025-12".
 func previousMonth(month string) string {
@@ -170,45 +143,16 @@ var (
 // reservationID names its quota, so any worker can route it:
 // rsv_<b64 tenant>.<b64 subscriber>.<process prefix><sequence, hex>.
 func reservationID(k QuotaKey) string {
-	idMu.Lock()
-	defer idMu.Unlock()
-	head, ok := idHeads[k]
-	if !ok {
-		if len(idHeads) >= idCacheMax {
-			clear(idHeads)
-		}
-		head = reservationPrefix + base64.RawURLEncoding.EncodeToString([]byte(k.Tenant)) + "." +
-			base64.RawURLEncoding.EncodeToString([]byte(k.Subscriber)) + "." + idPrefix
-		idHeads[k] = head
-	}
-	seq := strconv.FormatUint(idSeq.Add(1), 16)
-	if len(seq) < 8 {
-		seq = strings.Repeat("0", 8-len(seq)) + seq
-	}
-	return head + seq
+	return fmt.Sprintf("%s%s.%s.%s%08x", reservationPrefix,
+		base64.RawURLEncoding.EncodeToString([]byte(k.Tenant)),
+		base64.RawURLEncoding.EncodeToString([]byte(k.Subscriber)),
+		idPrefix, idSeq.Add(1))
 }
-
-// a reservation's hot path: the id's quota part, both ways (bounded: cleared when
-// full)
-const idCacheMax = 100_000
-
-var (
-	idMu    sync.Mutex
-	idHeads = map[QuotaKey]string{}
-	idKeys  = map[string]QuotaKey{}
-)
 
 // parseReservationID gives the quota a reservation id belongs to.
 func parseReservationID(id string) (QuotaKey, error) {
 	if !strings.HasPrefix(id, reservationPrefix) {
 		return QuotaKey{}, notAReservation(id)
-	}
-	idMu.Lock()
-	defer idMu.Unlock()
-	if dot := strings.LastIndexByte(id, '.'); dot > 0 {
-		if k, ok := idKeys[id[:dot]]; ok {
-			return k, nil
-		}
 	}
 	parts := strings.Split(id[len(reservationPrefix):], ".")
 	if len(parts) != 3 {
@@ -219,12 +163,7 @@ func parseReservationID(id string) (QuotaKey, error) {
 	if err1 != nil || err2 != nil || !utf8.Valid(tenant) || !utf8.Valid(sub) {
 		return QuotaKey{}, notAReservation(id)
 	}
-	k := QuotaKey{string(tenant), string(sub)}
-	if len(idKeys) >= idCacheMax {
-		clear(idKeys)
-	}
-	idKeys[id[:strings.LastIndexByte(id, '.')]] = k
-	return k, nil
+	return QuotaKey{string(tenant), string(sub)}, nil
 }
 
 func notAReservation(id string) error {
