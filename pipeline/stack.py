@@ -498,9 +498,10 @@ def _signal_and_wait(pid: int, wait_s: float) -> None:
 # ---------------------------------------------------------------- topics
 
 
-def _create_topics(bootstrap: str, topics: list[TopicSpec], timeout_s: float = 30.0) -> None:
-    """Create ``topics`` (replication factor 1); existing ones are left as they are.
-    Fails after ``timeout_s`` when no broker answers."""
+def create_topics(bootstrap: str, topics: list[TopicSpec], timeout_s: float = 30.0) -> None:
+    """Create ``topics`` on ``bootstrap`` (replication factor 1; one request for all);
+    existing ones are left as they are, whatever their config. Raises ``StackError`` for
+    any other failure, also when no broker answers within ``timeout_s``."""
     if not topics:
         return
     admin = _admin(bootstrap)
@@ -531,21 +532,18 @@ def ensure_topics(
     *,
     partitions: int | None = None,
     bootstrap: str | None = None,
-    timeout_s: float = 30.0,
 ) -> None:
     """Create ``topics`` (name -> topic config, e.g. ``{"cleanup.policy": "compact"}``).
 
     Each gets ``partitions`` partitions (default ``settings.kafka_partitions``) and
     replication factor 1, on ``bootstrap`` (default ``settings.kafka_bootstrap``). Topics
     that already exist are left as they are, whatever their config. Returns nothing;
-    raises ``StackError`` for any other failure, also when no broker answers within
-    ``timeout_s``.
+    raises ``StackError`` for any other failure.
     """
     count = partitions if partitions is not None else settings.kafka_partitions
-    _create_topics(
+    create_topics(
         bootstrap or settings.kafka_bootstrap,
         [TopicSpec(name, count, dict(conf)) for name, conf in topics.items()],
-        timeout_s,
     )
 
 
@@ -643,7 +641,7 @@ def stack_up(
             _format_storage(settings, java, lib, console)
             pid = _start_broker(settings, java, lib, console, timeout_s)
         with _spinner(console, "creating topics"):
-            _create_topics(bootstrap, all_topics(settings))
+            create_topics(bootstrap, all_topics(settings))
     if settings.kafka_bootstrap != bootstrap:
         _say(
             console,

@@ -544,11 +544,11 @@ class QuotaLedger:
             heapq.heappush(self._expiry, (now_ms + SETTLED_MEMORY_MS, "\x01" + event_id))
 
     def add_period_usage(
-        self, day: str, month: str, tu: Decimal, cny: Decimal, event_ids: list[str] | None = None
+        self, day: str, tu: Decimal, cny: Decimal, event_ids: list[str] | None = None
     ) -> None:
-        """Count a batch's usage already summed per Beijing day (``day``/``month`` keys);
-        ``event_ids`` settle pending holds like ``add_usage`` does."""
-        for key in (day, month):
+        """Count a batch's usage already summed per Beijing day (``"2026-11-28"``), in
+        that day and its month; ``event_ids`` settle pending holds like ``add_usage``."""
+        for key in (day, day[:7]):
             bucket = self.usage.get(key)
             if bucket is None:
                 self.usage[key] = Usage(tu, cny)

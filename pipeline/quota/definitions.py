@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from pipeline.metering.quota import QuotaDefinition, fmt
 from pipeline.produce import DeliveryError, producer_config
 from pipeline.settings import Settings
-from pipeline.topics import QUOTA_DEFINITIONS, TopicSpec, quota_definitions, quota_events
+from pipeline.topics import QUOTA_DEFINITIONS, quota_definitions, quota_events
 
 log = logging.getLogger(__name__)
 
@@ -107,13 +107,10 @@ def _change(msg: Any) -> DefinitionChange | None:
 def ensure_quota_topics(settings: Settings, timeout_s: float = 30.0) -> None:
     """Create ``quota-events`` and the compacted definitions topic if missing. Raises
     ``StackError`` when that fails, also when no broker answers within ``timeout_s``."""
-    from pipeline.stack import ensure_topics
+    from pipeline.stack import create_topics
 
-    specs: list[TopicSpec] = [quota_events(settings), quota_definitions(settings)]
-    for spec in specs:
-        ensure_topics(
-            settings, {spec.name: spec.config}, partitions=spec.partitions, timeout_s=timeout_s
-        )
+    specs = [quota_events(settings), quota_definitions(settings)]
+    create_topics(settings.kafka_bootstrap, specs, timeout_s)
 
 
 def _producer(settings: Settings) -> Producer:

@@ -85,7 +85,7 @@ def _encode(message: tuple[Any, ...]) -> list[Any]:
             ],
             [
                 [tenant, part, day, fmt(s.tu), fmt(s.cny), s.event_ids]
-                for (tenant, part, day, _month), s in sums.items()
+                for (tenant, part, day), s in sums.items()
             ],
         ]  # fmt: skip
     if kind == "install":

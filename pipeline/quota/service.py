@@ -243,7 +243,7 @@ class _DaySum:
     event_ids: list[str] = field(default_factory=list)
 
 
-_Agg = dict[tuple[str, int, str, str], _DaySum]  # (tenant, partition, day, month)
+_Agg = dict[tuple[str, int, str], _DaySum]  # (tenant, partition, Beijing day)
 
 
 class QuotaService:
@@ -303,7 +303,7 @@ class QuotaService:
         self._ready_parts: set[int] = set()
         self._synced_subs: set[QuotaKey] = set()
         self._partition_cache: dict[str, int] = {}
-        self._day_keys: dict[int, tuple[str, str]] = {}
+        self._day_keys: dict[int, str] = {}
         self.published: set[str] = set()  # alert ids on the quota-events topic
         self.recorded: set[str] = set()  # alert ids in quota_events
         self._outbox: list[Crossing] = []
@@ -457,11 +457,11 @@ class QuotaService:
             return [ledger]
 
     # ---- usage from the pipeline (pipeline thread) ----------------------------------------
-    def _day_month(self, ms: int) -> tuple[str, str]:
+    def _day(self, ms: int) -> str:
         index = (ms + _BEIJING_MS) // _DAY_MS
         found = self._day_keys.get(index)
         if found is None:
-            found = (period_key(ms, "day"), period_key(ms, "month"))
+            found = period_key(ms, "day")
             if len(self._day_keys) > 4096:
                 self._day_keys.clear()
             self._day_keys[index] = found
@@ -497,8 +497,7 @@ class QuotaService:
                     )
                 )
                 continue
-            day, month = self._day_month(rec["event_time"])
-            k = (tenant, r.accepted.partition, day, month)
+            k = (tenant, r.accepted.partition, self._day(rec["event_time"]))
             s = agg.get(k)
             if s is None:
                 s = agg[k] = _DaySum()
@@ -511,10 +510,8 @@ class QuotaService:
         if self.replica is not None:
             self.replica.send(("apply", singles, agg))
         now = self.clock()
-        for (tenant, part, day, month), s in agg.items():
-            self._ledger(QuotaKey(tenant), part).add_period_usage(
-                day, month, s.tu, s.cny, s.event_ids
-            )
+        for (tenant, part, day), s in agg.items():
+            self._ledger(QuotaKey(tenant), part).add_period_usage(day, s.tu, s.cny, s.event_ids)
         for it in singles:
             ledger = self._ledger(QuotaKey(it.tenant_id), it.partition)
             ledger.add_usage(it.event_ms, it.tu, it.cny, it.event_id, now)

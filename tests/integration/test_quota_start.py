@@ -18,14 +18,14 @@ import socket
 import threading
 import uuid
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from pipeline.quota.service import QuotaService
+from pipeline.quota.service import wall_clock_ms
 from pipeline.settings import load_settings
 from pipeline.warehouse import Warehouse
 from tests.integration.harness import free_port
+from tests.unit.test_quota_service import make_service
 
 pytestmark = pytest.mark.integration
 
@@ -78,10 +78,6 @@ class Gate:
             self._server.close()
 
 
-async def _inline(fn: Any, *args: Any) -> Any:
-    return fn(*args)
-
-
 def test_a_kafka_outage_during_the_quota_services_start_is_retried_not_fatal(
     bootstrap: str, warehouse: Warehouse, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -93,14 +89,12 @@ def test_a_kafka_outage_during_the_quota_services_start_is_retried_not_fatal(
         topic_usage=f"usage-events-{run}",
         topic_quota_events=f"quota-events-{run}",
     )
-    service = QuotaService(
+    service = make_service(
         settings,
-        _inline,
-        lambda: warehouse,
-        pseudonym_key=b"integration-test-pseudonym-key-0123",
-        journal_path=tmp_path / "journal.jsonl",
-        webhooks_path=tmp_path / "none.yaml",
-        partitions=4,
+        warehouse,
+        tmp_path,
+        wall_clock_ms,
+        kafka=True,
         kafka_timeout_s=1.0,  # an attempt gives up on Kafka after 1 s
     )
 

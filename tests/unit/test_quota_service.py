@@ -110,7 +110,7 @@ def make_service(
         journal_path=tmp_path / "journal.jsonl",
         webhooks_path=kw.pop("webhooks_path", tmp_path / "none.yaml"),
         partitions=4,
-        kafka=False,
+        kafka=kw.pop("kafka", False),
         clock=clock,
         **kw,
     )
