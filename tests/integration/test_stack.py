@@ -21,16 +21,11 @@ from pipeline import stack
 from pipeline.settings import Settings
 from pipeline.stack import StackStatus
 from pipeline.topics import QUOTA_DEFINITIONS, all_topics
+from tests.integration.harness import free_port
 
 pytestmark = pytest.mark.integration
 
 PARTITIONS = 3  # not the default (4), to see that the setting is used
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _port_open(port: int) -> bool:
@@ -42,11 +37,11 @@ def _port_open(port: int) -> bool:
 @pytest.fixture(scope="module")
 def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     """Settings for a private broker; whatever the tests do, it is stopped afterwards."""
-    port = _free_port()
+    port = free_port()
     s = Settings(
         data_dir=tmp_path_factory.mktemp("stack") / "data",
         kafka_port=port,
-        kafka_controller_port=_free_port(),
+        kafka_controller_port=free_port(),
         kafka_bootstrap=f"127.0.0.1:{port}",
         kafka_partitions=PARTITIONS,
         kafka_heap_mb=512,
@@ -180,12 +175,12 @@ def test_restart_keeps_topics_and_messages(settings: Settings, running: StackSta
 def test_a_broker_that_dies_at_startup_is_reported_with_its_log(
     tmp_path: Path, settings: Settings
 ) -> None:
-    port = _free_port()
+    port = free_port()
     broken = settings.model_copy(
         update={
             "data_dir": tmp_path / "broken",
             "kafka_port": port,
-            "kafka_controller_port": _free_port(),
+            "kafka_controller_port": free_port(),
             "kafka_bootstrap": f"127.0.0.1:{port}",
         }
     )

@@ -39,7 +39,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -67,6 +66,7 @@ from pipeline.settings import Settings, load_settings  # noqa: E402
 from pipeline.simulate import Simulation  # noqa: E402
 from pipeline.stack import ensure_topics  # noqa: E402
 from pipeline.topics import dead_letters, quota_events, usage_events  # noqa: E402
+from tests.integration.harness import free_port  # noqa: E402
 
 PARTITIONS = 4
 SAMPLE_S = 0.5
@@ -75,12 +75,6 @@ PYSPY = Path(sys.executable).with_name("py-spy")
 
 
 # ---- small helpers ---------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def say(msg: str) -> None:

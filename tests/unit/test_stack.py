@@ -19,20 +19,15 @@ import pytest
 from pipeline import stack
 from pipeline.settings import Settings
 from pipeline.stack import StackError
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.integration.harness import free_port
 
 
 def _settings(data_dir: Path, port: int | None = None) -> Settings:
-    port = port or _free_port()
+    port = port or free_port()
     return Settings(
         data_dir=data_dir,
         kafka_port=port,
-        kafka_controller_port=_free_port(),
+        kafka_controller_port=free_port(),
         kafka_bootstrap=f"127.0.0.1:{port}",
         kafka_partitions=3,
     )
