@@ -1,17 +1,16 @@
 """The faust-streaming app, wired explicitly: ``create_app(settings)`` builds it, nothing
 happens at import time.
 
-Two thin agents:
-- ``ingest`` consumes ``usage-events`` in batches (``take_events``) and hands each batch
-  to ``Pipeline.process_usage`` on the pipeline thread;
-- ``dead_letters`` consumes ``usage-dead-letters`` and mirrors it into the table.
-
-Commit after flush: ``take_events`` acks a batch's events only when the agent asks for
-the next batch, i.e. after ``process_*`` returned, and faust commits acked offsets
-only. faust would also ack a batch whose agent raised or was cancelled, so a batch
-that could not be stored ends the process at once (``_crash``), without committing:
-the restart replays it, and the sink's offset marks keep the replay from counting
-anything twice.
+The usage topic is read by ``UsageReader`` (``pipeline/usage_reader.py``): faust keeps
+the group (membership, assignor, rebalance signals), its fetching of that topic is
+paused, and a confluent-kafka consumer in a thread reads the partitions faust assigned in
+large batches. Each batch is stored by ``Pipeline.process_usage`` on the pipeline thread
+and only then committed, through faust's consumer (the group's member). A batch that
+could not be stored ends the process at once (``_crash``), without committing: the
+restart replays it, and the sink's offset marks keep the replay from counting anything
+twice. The ``dead_letters`` agent consumes ``usage-dead-letters`` with faust
+(``take_events``; acked, hence committed, only after ``process_dead_letters`` returned)
+and mirrors it into the table.
 
 The web port (``TOKENMETER_WEB_HOST:TOKENMETER_WEB_PORT``) belongs to the quota server,
 a child process (``quotad/``, Go; ``pipeline/quota/link.py``): it answers the quota calls itself and
@@ -35,13 +34,14 @@ from typing import Any, TypeVar, cast
 
 import faust
 from faust.streams import Stream
-from faust.types import EventT, StreamT
+from faust.types import TP, EventT, StreamT
 from mode.types.signals import BaseSignalT
 
 from pipeline.metrics import WorkerMetrics
 from pipeline.runtime import BatchReport, Pipeline
 from pipeline.settings import Settings
 from pipeline.stages.ingest import RawMessage
+from pipeline.usage_reader import ConsumedBatch, UsageReader
 
 log = logging.getLogger("tokenmeter.worker")
 T = TypeVar("T")
@@ -143,6 +143,16 @@ class Worker:
         )
         self._routes: dict[int, str] = {}
         self.app = self._build_app()
+        self.reader: UsageReader[list[RawMessage]] = UsageReader(
+            settings,
+            prepare=ConsumedBatch.messages,
+            store=self._store_usage,
+            commit=self._commit_usage,
+            executor=self.executor,
+            on_fatal=_crash,
+            on_stored=self._observe_usage,
+            thread_setup=self._lower_priority,
+        )
 
     @property
     def pipeline(self) -> Pipeline:
@@ -154,6 +164,70 @@ class Worker:
         """Run ``fn(*args)`` on the pipeline thread."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, fn, *args)
+
+    # ---- the usage topic: UsageReader callbacks ------------------------------------
+    def _store_usage(self, messages: list[RawMessage]) -> BatchReport:
+        """On the pipeline thread: store one batch; a batch that could not be stored ends
+        the process without committing (the restart replays it)."""
+        try:
+            return self.pipeline.process_usage(messages)
+        except Exception as exc:  # noqa: BLE001 - an unstored batch must never be committed
+            log.exception("batch failed")
+            _crash(f"batch of {len(messages)} could not be processed: {exc}")
+            raise
+
+    def _commit_usage(self, offsets: dict[int, int]) -> None:
+        """On the pipeline thread, after the store: commit through faust's consumer, the
+        group's member (the broker refuses commits from a non-member). A refusal after a
+        rebalance is harmless: the batch is stored, the next owner starts after it."""
+        topic = self.settings.topic_usage
+        tps = {TP(topic, p): off for p, off in offsets.items()}
+        loop = self.app.loop
+        # faust's Consumer: ``_commit`` commits the given offsets through the member
+        consumer: Any = self.app.consumer
+        future = asyncio.run_coroutine_threadsafe(consumer._commit(tps), loop)
+        try:
+            if not future.result(timeout=60):
+                log.info("usage offsets %s not committed (rebalanced meanwhile)", offsets)
+        except TimeoutError:
+            log.warning("committing usage offsets %s took over 60 s", offsets)
+
+    def _observe_usage(self, result: object, batch: ConsumedBatch, seconds: float) -> None:
+        self.stats.add(len(batch), seconds)
+        if isinstance(result, BatchReport):
+            self.metrics.observe_batch(result, seconds)
+
+    async def _pause_faust_fetch(self, partitions: list[int]) -> None:
+        """Stop faust (and its aiokafka consumer, whose fetcher would otherwise keep
+        reading the topic) from fetching these usage partitions."""
+        topic = self.settings.topic_usage
+        tps = {TP(topic, p) for p in partitions}
+        consumer: Any = self.app.consumer
+        consumer.pause_partitions(tps)
+        if not getattr(consumer, "_tokenmeter_usage_quiet", False):
+            # faust's livelock check would log an error every few seconds, after
+            # stream_processing_timeout, that aiokafka sends no fetch for these partitions:
+            # true and intended. The check stays on for every other topic.
+            check = consumer.verify_event_path
+
+            def verify_event_path(now: float, tp: TP) -> None:
+                if tp.topic != topic:
+                    check(now, tp)
+
+            consumer.verify_event_path = verify_event_path
+            consumer._tokenmeter_usage_quiet = True
+        thread = getattr(consumer, "_thread", None)
+        if thread is None:
+            return
+
+        async def pause_in_aiokafka() -> None:
+            from aiokafka.structs import TopicPartition as AioTP
+
+            aio = thread._ensure_consumer()
+            mine = {AioTP(topic, p) for p in partitions} & aio.assignment()
+            aio.pause(*mine)
+
+        await thread.call_thread(pause_in_aiokafka)
 
     async def _run_batch(self, fn: Callable[[list[RawMessage]], Any], events: list[EventT]) -> Any:
         batch = _raw(events)
@@ -210,10 +284,13 @@ class Worker:
 
         @app.agent(usage, concurrency=1, name="ingest")
         async def ingest(stream: StreamT) -> None:
-            async for events in cast(Stream, stream).take_events(
-                s.batch_max, within=s.batch_within_s
-            ):
-                await self._run_batch(self.pipeline.process_usage, list(events))
+            # This agent holds faust's subscription of the usage topic (membership, the
+            # assignor, quota routing), but faust's fetching of it is paused on every
+            # assignment and the UsageReader consumes it in batches. A message that
+            # reached faust before the pause is never acked (noack), so faust never
+            # commits an offset of this topic: only the reader does, after the store.
+            async for _event in cast(Stream, stream).noack():
+                pass
 
         @app.agent(dead, concurrency=1, name="dead_letters")
         async def dead_letters(stream: StreamT) -> None:
@@ -229,6 +306,8 @@ class Worker:
             parts = usage_partitions(s, args, kwargs, "revoked")
             if parts and self._pipeline is not None:
                 self.quota.on_partitions_revoked(parts)
+                # stop reading, drop the batch not stored yet, wait for the one being stored
+                await asyncio.get_running_loop().run_in_executor(None, self.reader.revoke)
                 await self.on_pipeline(self.pipeline.release_usage_partitions, parts)
 
         @app.on_partitions_assigned.connect
@@ -237,6 +316,9 @@ class Worker:
         ) -> None:
             parts = usage_partitions(s, args, kwargs, "assigned")
             if parts and self._pipeline is not None:
+                await self._pause_faust_fetch(parts)
+                marks = await self.on_pipeline(self.pipeline.take_usage_partitions, parts)
+                await asyncio.get_running_loop().run_in_executor(None, self.reader.assign, marks)
                 await self.quota.on_partitions_assigned(parts)
             self._send_routes()
 
@@ -248,6 +330,8 @@ class Worker:
         async def stop_quota(
             sender: Any, /, *args: Any, signal: BaseSignalT[Any], **kwargs: Any
         ) -> None:
+            if self._pipeline is not None:
+                self._pipeline.stopping = True  # a sink retrying gives up; nothing commits
             await self.quota.stop()
 
         @app.timer(2.0)
@@ -301,9 +385,13 @@ class Worker:
         self._pipeline = self.executor.submit(self._start_pipeline_thread).result()
         self._pipeline.quota = self.quota
         self.metrics.start()
+        self.reader.start()
 
     def stop_pipeline(self) -> None:
         """Release the warehouse (after the app stopped), then stop the quota server."""
+        if self._pipeline is not None:
+            self._pipeline.stopping = True  # a sink retrying gives up: nothing is committed
+        self.reader.stop()
         self.metrics.close()
         if self._pipeline is not None:
             self.executor.submit(self._pipeline.close).result()

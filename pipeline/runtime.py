@@ -208,6 +208,16 @@ class Pipeline:
             time.monotonic() - started,
         )
 
+    def take_usage_partitions(self, partitions: list[int]) -> dict[int, int | None]:
+        """Take over usage partitions (``load_usage_partitions``) and return each one's
+        mark in ``usage_events``: the offset of the last stored event, or ``None``. Every
+        input at or below it is done (dead letters are sent before any table is written),
+        so reading resumes after it."""
+        self.load_usage_partitions(partitions)
+        marks = self.sink.tables[USAGE_TABLE].marks
+        topic = self.settings.topic_usage
+        return {p: marks.get((topic, p)) for p in partitions}
+
     def _same_event(self, key: str, position: tuple[int, int]) -> bool:
         """Does the usage event at (partition, offset) have dedup key ``key``? Asked by
         the dedup index only when two keys share a 64-bit fingerprint but not a payload
@@ -263,6 +273,15 @@ class Pipeline:
             msg = RawMessage(acc.topic, acc.partition, acc.offset, acc.arrived_ms, None, b"")
             result.dead_letters.append(dead_letter_for(msg, why.to_rejection(), acc.record))
         report.accepted -= len(unpriced)
+        if result.dead_letters:
+            # Before any table is written: a stored event then implies its batch's dead
+            # letters are delivered, so reading can resume after usage_events' mark.
+            # In source order: the unpriced letters came after the batch's other letters,
+            # and the mirror takes a letter at or below an offset it has already seen from
+            # that source partition for a copy (``first_copies``, the sink's marks).
+            result.dead_letters.sort(key=lambda d: (d.topic, d.partition, d.offset))
+            self.send_dead_letters(result.dead_letters)
+            report.dead_letters.update(d.reason for d in result.dead_letters)
         if rated:
             now = ingested_now()
             events = usage_events_table(rated, now)
@@ -281,13 +300,6 @@ class Pipeline:
             report.inserted = self._write(USAGE_TABLE, events)
             if self.quota is not None:
                 self.quota.on_rated_batch(rated)
-        if result.dead_letters:
-            # In source order: the unpriced letters came after the batch's other letters,
-            # and the mirror takes a letter at or below an offset it has already seen from
-            # that source partition for a copy (``first_copies``, the sink's marks).
-            result.dead_letters.sort(key=lambda d: (d.topic, d.partition, d.offset))
-            self.send_dead_letters(result.dead_letters)
-            report.dead_letters.update(d.reason for d in result.dead_letters)
         report.seconds = time.monotonic() - started
         self._add(report)
         return report
