@@ -347,25 +347,29 @@ def rate_columns(
 
     # ---- usage before each row: stored counter + billable TU of earlier rows ----------
     counted = np.where(scalar_row, 0, tier_tu)
-    order = np.argsort(key_ix, kind="stable")
-    sorted_keys = key_ix[order]
-    cum = np.cumsum(counted[order])
-    excl = cum - counted[order]
-    # keys are 0..n_keys-1, all present: after sorting, key k's rows are first[k]..last[k]
-    first = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])[:n_keys]
-    last = np.r_[first[1:] - 1, len(order) - 1][:n_keys]
-    before_micro = np.empty(len(priced), np.int64)
-    before_micro[order] = excl - excl[first][sorted_keys] + start[sorted_keys]
-    key_added = cum[last] - excl[first]
+    key_added = np.zeros(n_keys, np.int64)
+    np.add.at(key_added, key_ix, counted)
+    row_tier = row_tiers[priced]
+    discounting = [t for t, tiers in enumerate(tier_list) if tiers is not _NO_TIERS]
+    tiered = np.isin(row_tier, discounting) & billable & ~scalar_row
+    # only the keys with a discounting tier need the usage before each of their rows
+    sub = np.flatnonzero((np.bincount(key_ix[tiered], minlength=n_keys) > 0)[key_ix])
+    before_micro = np.zeros(len(priced), np.int64)
+    if len(sub):
+        order = np.argsort(key_ix[sub], kind="stable")  # by key, row order within a key
+        sorted_keys = key_ix[sub][order]
+        step = counted[sub][order]
+        excl = np.cumsum(step) - step
+        first = np.r_[True, sorted_keys[1:] != sorted_keys[:-1]]
+        group_start = np.maximum.accumulate(np.where(first, np.arange(len(sub)), 0))
+        before_micro[sub[order]] = excl - excl[group_start] + start[sorted_keys]
 
     # ---- tiers: keep fraction of the tier each row lies in, or straddling ------------
     keep = np.full(len(priced), _E6, np.int64)
     straddle = np.zeros(len(priced), bool)
-    row_tier = row_tiers[priced]
-    for t, tiers in enumerate(tier_list):
-        if tiers is _NO_TIERS:
-            continue
-        rows = np.flatnonzero((row_tier == t) & billable & ~scalar_row)
+    for t in discounting:
+        tiers = tier_list[t]
+        rows = np.flatnonzero((row_tier == t) & tiered)
         if not len(rows):
             continue
         bounds = np.array([min(b, _TIER_CAP) for b, _, _ in tiers] + [_TIER_CAP], np.int64)
@@ -374,7 +378,11 @@ def rate_columns(
         keep[rows] = keeps[at]
         # as _tiered: all in one tier when usage + TU <= the next tier's start
         straddle[rows] = before_micro[rows] + tu[rows] > bounds[at + 1]
-    amount = _discounted(np.asarray(list_hi, np.int64), np.asarray(list_lo, np.int64), keep)
+    amount = list_micro.copy()
+    cut = np.flatnonzero(keep != _E6)
+    amount[cut] = _discounted(
+        np.asarray(list_hi, np.int64)[cut], np.asarray(list_lo, np.int64)[cut], keep[cut]
+    )
 
     # ---- assemble --------------------------------------------------------------------
     tu_out = np.zeros(n, np.int64)
