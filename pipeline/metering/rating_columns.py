@@ -113,11 +113,29 @@ def _codes(table: pa.Table, name: str) -> tuple[I64, list[str]]:
     if col.null_count:
         raise ValueError(f"{name}: {col.null_count} rows have no value; rating needs all")
     arr = col.combine_chunks()
-    if pa.types.is_dictionary(arr.type):  # its dictionary may repeat values: re-encode
-        arr = arr.cast(arr.type.value_type)
+    if pa.types.is_dictionary(arr.type):  # its dictionary may repeat values: re-encode it
+        enc = arr.dictionary.dictionary_encode()
+        inner = np.asarray(enc.indices.to_numpy(zero_copy_only=False), dtype=np.int64)
+        outer = np.asarray(arr.indices.to_numpy(zero_copy_only=False), dtype=np.int64)
+        return inner[outer], enc.dictionary.to_pylist()
     enc = arr.dictionary_encode()
     codes: I64 = np.asarray(enc.indices.to_numpy(zero_copy_only=False), dtype=np.int64)
     return codes, enc.dictionary.to_pylist()
+
+
+def _groups(codes: I64) -> tuple[I64, I64]:
+    """``np.unique(codes, return_inverse=True)``; without a sort when the codes span a
+    small range (the usual case: few cards, carriers, models, hours, tenants)."""
+    if not len(codes):
+        return codes, codes
+    low, high = int(codes.min()), int(codes.max())
+    if high - low > 4 * len(codes) + 4096:
+        unique, inverse = np.unique(codes, return_inverse=True)
+        return unique, inverse.reshape(-1)
+    present = np.zeros(high - low + 1, bool)
+    present[codes - low] = True
+    rank = np.cumsum(present) - 1
+    return np.flatnonzero(present) + low, rank[codes - low]
 
 
 def _strings(labels: Sequence[str], codes: I64) -> pa.Array:
@@ -228,10 +246,7 @@ def rate_columns(
     starts = np.array(book.starts_ms, np.int64)
     card_plus1 = np.searchsorted(starts, event_ms, side="right")  # 0: before the first card
     nc, nm = max(len(carriers), 1), max(len(models), 1)
-    combo_codes, combo_ix = np.unique(
-        (card_plus1 * nc + carrier_ix) * nm + model_ix, return_inverse=True
-    )
-    combo_ix = combo_ix.reshape(-1)
+    combo_codes, combo_ix = _groups((card_plus1 * nc + carrier_ix) * nm + model_ix)
     combos = _Combos(book, combo_codes, nc, nm, carriers, models)
     n_combos = len(combo_codes)
 
@@ -283,9 +298,7 @@ def rate_columns(
     # ---- periods and (tenant, period) keys of the priced rows ------------------------
     cx = combo_ix[priced]
     day = day_of[cx, row_plan[priced]]
-    period_codes, period_ix = np.unique(
-        (event_ms[priced] // _HOUR_MS) * 2 + day, return_inverse=True
-    )
+    period_codes, period_ix = _groups((event_ms[priced] // _HOUR_MS) * 2 + day)
     period_text: dict[str, int] = {}
     period_id = np.array(
         [
@@ -297,11 +310,8 @@ def rate_columns(
         np.int64,
     )
     periods = list(period_text)
-    row_period = period_id[period_ix.reshape(-1)] if len(priced) else np.zeros(0, np.int64)
-    key_codes, key_ix = np.unique(
-        tenant_ix[priced] * max(len(periods), 1) + row_period, return_inverse=True
-    )
-    key_ix = key_ix.reshape(-1)
+    row_period = period_id[period_ix] if len(priced) else np.zeros(0, np.int64)
+    key_codes, key_ix = _groups(tenant_ix[priced] * max(len(periods), 1) + row_period)
     n_keys = len(key_codes)
     keys = [
         (tenants[c // max(len(periods), 1)], periods[c % max(len(periods), 1)])
@@ -311,13 +321,23 @@ def rate_columns(
     # ---- TU and list amount, int64, with the range checks ----------------------------
     cls_counts = [n_in[priced], n_out[priced], n_cached[priced], n_reason[priced]]
     bad = np.zeros(len(priced), bool)
-    for c in cls_counts:
-        bad |= (c < 0) | (c > _MAX_COUNT)
-    # float64 estimates of the results in micro-units, against the int64 bounds
-    tu_est = sum(c * combos.w_f[k, cx] for k, c in enumerate(cls_counts)) / _E6
-    list_est = sum(c * combos.p_f[k, cx] for k, c in enumerate(cls_counts)) / _E6
-    bad |= (tu_est > _SAFE) | (list_est > _MAX_LIST_MICRO)
-    cls_counts = [np.where(bad, 0, c) for c in cls_counts]
+    if len(priced):
+        # float64 estimates of the results in micro-units, against the int64 bounds: for
+        # the batch's largest count and each card line first, per row only if that fails
+        low = min(int(c.min()) for c in cls_counts)
+        high = max(int(c.max()) for c in cls_counts)
+        if not (
+            0 <= low
+            and high <= _MAX_COUNT
+            and (high * combos.w_f.sum(axis=0) / _E6 <= _SAFE).all()
+            and (high * combos.p_f.sum(axis=0) / _E6 <= _MAX_LIST_MICRO).all()
+        ):
+            for c in cls_counts:
+                bad |= (c < 0) | (c > _MAX_COUNT)
+            tu_est = sum(c * combos.w_f[k, cx] for k, c in enumerate(cls_counts)) / _E6
+            list_est = sum(c * combos.p_f[k, cx] for k, c in enumerate(cls_counts)) / _E6
+            bad |= (tu_est > _SAFE) | (list_est > _MAX_LIST_MICRO)
+            cls_counts = [np.where(bad, 0, c) for c in cls_counts]
     tu_hi = sum(c * combos.w_hi[k, cx] for k, c in enumerate(cls_counts))
     tu_lo = sum(c * combos.w_lo[k, cx] for k, c in enumerate(cls_counts))
     list_hi = sum(c * combos.p_hi[k, cx] for k, c in enumerate(cls_counts))
@@ -341,7 +361,7 @@ def rate_columns(
             scalar_key[k] = True
     if n_keys:
         scalar_key |= np.bincount(key_ix, weights=bad, minlength=n_keys) > 0
-        est_total = np.bincount(key_ix, weights=np.where(billable, tu_est, 0.0), minlength=n_keys)
+        est_total = np.bincount(key_ix, weights=tier_tu, minlength=n_keys)  # each < 2^61
         scalar_key |= est_total + start > _SAFE
     scalar_row = scalar_key[key_ix] if n_keys else np.zeros(0, bool)
 
@@ -351,12 +371,16 @@ def rate_columns(
     np.add.at(key_added, key_ix, counted)
     row_tier = row_tiers[priced]
     discounting = [t for t, tiers in enumerate(tier_list) if tiers is not _NO_TIERS]
-    tiered = np.isin(row_tier, discounting) & billable & ~scalar_row
+    is_discounting = np.zeros(len(tier_list) + 1, bool)
+    is_discounting[discounting] = True
+    tiered = is_discounting[row_tier] & billable & ~scalar_row
     # only the keys with a discounting tier need the usage before each of their rows
     sub = np.flatnonzero((np.bincount(key_ix[tiered], minlength=n_keys) > 0)[key_ix])
     before_micro = np.zeros(len(priced), np.int64)
     if len(sub):
-        order = np.argsort(key_ix[sub], kind="stable")  # by key, row order within a key
+        sub_keys = key_ix[sub]
+        # by key, row order within a key; 16-bit keys sort by radix, ~25x faster
+        order = np.argsort(sub_keys.astype(np.int16) if n_keys < 2**15 else sub_keys, kind="stable")
         sorted_keys = key_ix[sub][order]
         step = counted[sub][order]
         excl = np.cumsum(step) - step

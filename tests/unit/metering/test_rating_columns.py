@@ -414,3 +414,16 @@ def test_rate_stage_rate_columns_uses_its_counters(small: PriceBook) -> None:
     # 4 micro-CNY per TU: 1 TU at list + 1 at 90 % = 7.6 -> 8; then 1 at 90 % = 3.6 -> 4
     assert out.amount_micro.tolist() == [8, 4]
     assert stage.usage == {("t1", "2026-05"): Decimal("12.000000")}
+
+
+def test_events_months_apart_keep_their_own_periods(small: PriceBook) -> None:
+    """Hours spanning more than a year (periods grouped by sorting, not by a table)."""
+    day = 86_400_000
+    records = [
+        _rec(event_time=T + k * 37 * day + (k % 5) * 3_600_000, input_tokens=4 + k)
+        for k in range(12)
+    ]
+    records += [_rec(event_time=T + 400 * day, input_tokens=30), _rec(input_tokens=11)]
+    expected, _ = _check(small, LADDER, records, {("t1", "2027-03"): Decimal("19.5")})
+    periods = [row[7] for row in expected if isinstance(row, tuple)]
+    assert periods[0] == periods[-1] == "2026-05" and "2027-07" in periods
