@@ -68,6 +68,16 @@ _TIER_CAP = 2**62  # tier starts above this are never reached by usage below _SA
 _INT64_MAX = 2**63 - 1
 _HOUR_MS = 3_600_000
 _COUNT_FIELDS = ("input_tokens", "output_tokens", "cached_tokens", "reasoning_tokens")
+# the columns rate_columns reads (others in the table are ignored)
+INPUT_COLUMNS: tuple[str, ...] = (
+    "event_time",
+    "serving_carrier",
+    "model_id",
+    "status",
+    "tenant_id",
+    *_COUNT_FIELDS,
+)
+DECIMAL = pa.decimal128(38, 6)  # the warehouse's type for TU and CNY (usage_events)
 _ZERO6 = Decimal("0.000000")  # the counters' start value, as in RateStage
 
 
@@ -97,6 +107,28 @@ class RatedColumns:
     unpriced: npt.NDArray[np.bool_]
     unpriced_detail: list[tuple[int, Unpriced]]
     out_of_range: list[tuple[int, Rating]]
+
+    def decimals(self, name: str) -> pa.Array:
+        """One number column as decimal128(38, 6) values (``usage_events``' type), exact
+        for every row, ``out_of_range`` ones included. ``name``: ``token_units``,
+        ``amount``, ``list_amount`` or ``tier_usage_tu``."""
+        micro = {
+            "token_units": self.token_units_micro,
+            "amount": self.amount_micro,
+            "list_amount": self.list_amount_micro,
+            "tier_usage_tu": self.tier_usage_micro,
+        }[name]
+        # decimal128 is the unscaled integer in 16 bytes, little-endian two's complement
+        words = np.empty((len(micro), 2), np.int64)
+        words[:, 0] = micro
+        words[:, 1] = micro >> 63
+        column = pa.Array.from_buffers(DECIMAL, len(micro), [None, pa.py_buffer(words)])
+        if not self.out_of_range:
+            return column
+        values = column.to_pylist()
+        for i, rating in self.out_of_range:
+            values[i] = getattr(rating, name)
+        return pa.array(values, DECIMAL)
 
 
 def _ints(table: pa.Table, name: str) -> I64:
@@ -172,6 +204,15 @@ def _discounted(list_hi: I64, list_lo: I64, keep: I64) -> I64:
     up = (twice > _E12) | ((twice == _E12) & ((q & 1) == 1))
     out: I64 = q + up
     return out
+
+
+def _records(table: pa.Table, rows: list[int]) -> list[dict[str, Any]]:
+    """The rows as the record dicts ``PriceBook.rate`` reads (for the few rows that take
+    the scalar path)."""
+    if not rows:
+        return []
+    records: list[dict[str, Any]] = table.select(INPUT_COLUMNS).take(rows).to_pylist()
+    return records
 
 
 def _micro(value: Decimal) -> int:
@@ -250,8 +291,7 @@ def rate_columns(
     combos = _Combos(book, combo_codes, nc, nm, carriers, models)
     n_combos = len(combo_codes)
 
-    plan_names: list[str | None] = []
-    plan_of: dict[str | None, int] = {}
+    plan_of: dict[str | None, int] = {}  # the tenants' plans, None = list price
     tenant_plan = np.array(
         [plan_of.setdefault(p, len(plan_of)) for p in map(plans.plan_for, tenants)], np.int64
     )
@@ -285,12 +325,10 @@ def rate_columns(
     unpriced = combos.unpriced[combo_ix] | (row_bill < 0) | (row_tiers < 0) | (n_in < 0)
     priced = np.flatnonzero(~unpriced)
 
-    records = _Records(event_ms, carrier_ix, carriers, model_ix, models, status_ix, statuses)
-    counts_all = (n_total, n_out, n_cached, n_reason)
     unpriced_detail: list[tuple[int, Unpriced]] = []
-    for i in np.flatnonzero(unpriced).tolist():
-        plan = plan_names[row_plan[i]]
-        result = book.rate(records.row(i, counts_all), plan, 0)
+    unpriced_rows = np.flatnonzero(unpriced).tolist()
+    for i, rec in zip(unpriced_rows, _records(table, unpriced_rows), strict=True):
+        result = book.rate(rec, plan_names[row_plan[i]], 0)
         if not isinstance(result, Unpriced):  # the masks above mirror rate's checks
             raise AssertionError(f"row {i}: expected unpriced, scalar rating gave {result}")
         unpriced_detail.append((i, result))
@@ -435,10 +473,11 @@ def rate_columns(
             return
         tu_out[i], amount_out[i], list_out[i], tier_out[i] = micro
 
-    for p in np.flatnonzero(straddle).tolist():
+    straddling = np.flatnonzero(straddle).tolist()
+    for p, rec in zip(straddling, _records(table, priced[straddling].tolist()), strict=True):
         i = int(priced[p])
         used = Decimal(int(before_micro[p])).scaleb(-6)
-        result = book.rate(records.row(i, counts_all), plan_names[row_plan[i]], used)
+        result = book.rate(rec, plan_names[row_plan[i]], used)
         if not isinstance(result, Rating):
             raise AssertionError(f"row {i}: expected a rating, scalar rating gave {result}")
         put(i, result)
@@ -448,11 +487,12 @@ def rate_columns(
         usage[keys[k]] = usage.get(keys[k], _ZERO6) + Decimal(int(key_added[k])).scaleb(-6)
 
     # the scalar keys: RateStage.rate's own loop over their rows (priced is ascending)
-    for p in np.flatnonzero(scalar_row).tolist():
+    scalar = np.flatnonzero(scalar_row).tolist()
+    for p, rec in zip(scalar, _records(table, priced[scalar].tolist()), strict=True):
         i = int(priced[p])
         key = keys[int(key_ix[p])]
         used = usage.get(key, _ZERO6)
-        result = book.rate(records.row(i, counts_all), plan_names[row_plan[i]], used)
+        result = book.rate(rec, plan_names[row_plan[i]], used)
         if not isinstance(result, Rating):
             raise AssertionError(f"row {i}: expected a rating, scalar rating gave {result}")
         if result.billable:
@@ -484,34 +524,3 @@ def rate_columns(
         unpriced_detail=unpriced_detail,
         out_of_range=out_of_range,
     )
-
-
-class _Records:
-    """Rows rebuilt as the record dicts ``PriceBook.rate`` reads, for the few rows the
-    scalar path rates."""
-
-    def __init__(
-        self,
-        event_ms: I64,
-        carrier_ix: I64,
-        carriers: list[str],
-        model_ix: I64,
-        models: list[str],
-        status_ix: I64,
-        statuses: list[str],
-    ) -> None:
-        self.event_ms = event_ms
-        self.carrier = (carrier_ix, carriers)
-        self.model = (model_ix, models)
-        self.status = (status_ix, statuses)
-
-    def row(self, i: int, counts: tuple[I64, I64, I64, I64]) -> dict[str, Any]:
-        rec: dict[str, Any] = {
-            "event_time": int(self.event_ms[i]),
-            "serving_carrier": self.carrier[1][self.carrier[0][i]],
-            "model_id": self.model[1][self.model[0][i]],
-            "status": self.status[1][self.status[0][i]],
-        }
-        for name, col in zip(_COUNT_FIELDS, counts, strict=True):
-            rec[name] = int(col[i])
-        return rec

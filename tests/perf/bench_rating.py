@@ -31,22 +31,12 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.metering.plans import load_plans  # noqa: E402
 from pipeline.metering.pricing import load_cards  # noqa: E402
+from pipeline.metering.rating_columns import INPUT_COLUMNS  # noqa: E402
 from pipeline.simulate import Simulation  # noqa: E402
 from pipeline.stages.ingest import Accepted  # noqa: E402
 from pipeline.stages.rate import RateStage  # noqa: E402
 
 NOW = 1_795_852_800_000  # 2026-11-28T08:00:00Z
-COLUMNS = (
-    "event_time",
-    "serving_carrier",
-    "model_id",
-    "status",
-    "tenant_id",
-    "input_tokens",
-    "output_tokens",
-    "cached_tokens",
-    "reasoning_tokens",
-)
 
 
 def run(events: int, repeat: int) -> dict[str, Any]:
@@ -55,7 +45,7 @@ def run(events: int, repeat: int) -> dict[str, Any]:
     sim = Simulation(20261128, NOW)
     records = [m.record for m in sim.messages(events, 0.0, 0.0) if m.record is not None]
     accepted = [Accepted(rec, 0, "usage", 0, i) for i, rec in enumerate(records)]
-    table = pa.table({name: [r[name] for r in records] for name in COLUMNS})
+    table = pa.table({name: [r[name] for r in records] for name in INPUT_COLUMNS})
     period = "2026-11"
     crossing = {
         (tenant, period): Decimal(100_000_000 if plan == "enterprise" else 50_000_000)

@@ -16,6 +16,7 @@ import pytest
 
 from pipeline.metering.plans import TenantPlans
 from pipeline.metering.pricing import PriceBook, Unpriced, load_cards
+from pipeline.metering.rating_columns import INPUT_COLUMNS as COLUMNS
 from pipeline.metering.rating_columns import RatedColumns, rate_columns
 from pipeline.simulate import Simulation
 from pipeline.stages.ingest import Accepted
@@ -23,17 +24,6 @@ from pipeline.stages.rate import RateStage
 
 REPO = Path(__file__).resolve().parents[3]
 CARDS = REPO / "config" / "price_cards"
-COLUMNS = (
-    "event_time",
-    "serving_carrier",
-    "model_id",
-    "status",
-    "tenant_id",
-    "input_tokens",
-    "output_tokens",
-    "cached_tokens",
-    "reasoning_tokens",
-)
 # 2026-10-31T17:00:00Z = 2026-11-01 01:00 Beijing: the 2 h of simulated traffic span the
 # 2026.11 card's start, a Beijing month and a Beijing day boundary
 NOW = 1_793_466_000_000
@@ -109,27 +99,22 @@ def _views(out: RatedColumns) -> list[Row]:
         col.to_pylist()
         for col in (out.price_card_version, out.price_line, out.tenant_plan, out.plan_period)
     ]
+    names = ("token_units", "amount", "list_amount", "tier_usage_tu")
+    micro = (out.token_units_micro, out.amount_micro, out.list_amount_micro, out.tier_usage_micro)
+    decimals = [out.decimals(name).to_pylist() for name in names]
     rows: list[Row] = []
     for i in range(len(out.unpriced)):
         if out.unpriced[i]:
             rows.append(unpriced[i])
-            assert out.token_units_micro[i] == out.amount_micro[i] == 0
+            assert [int(col[i]) for col in micro] == [0, 0, 0, 0]
             assert [s[i] for s in strings] == ["", "", "", ""] and not out.billable[i]
             continue
         assert i not in unpriced
+        numbers = [col[i] for col in decimals]
         if i in wide:
-            x = wide[i]
-            numbers = [x.token_units, x.amount, x.list_amount, x.tier_usage_tu]
-        else:
-            numbers = [
-                Decimal(int(col[i])).scaleb(-6)
-                for col in (
-                    out.token_units_micro,
-                    out.amount_micro,
-                    out.list_amount_micro,
-                    out.tier_usage_micro,
-                )
-            ]
+            assert numbers == [getattr(wide[i], name) for name in names]
+        else:  # the decimal128 columns hold the int64 micro-units
+            assert numbers == [Decimal(int(col[i])).scaleb(-6) for col in micro]
         version, line, plan, period = (s[i] for s in strings)
         tu, amount, list_amount, tier = numbers
         rows.append(
