@@ -419,7 +419,7 @@ def rate_columns(
         sub_keys = key_ix[sub]
         # by key, row order within a key; 16-bit keys sort by radix, ~25x faster
         order = np.argsort(sub_keys.astype(np.int16) if n_keys < 2**15 else sub_keys, kind="stable")
-        sorted_keys = key_ix[sub][order]
+        sorted_keys = sub_keys[order]
         step = counted[sub][order]
         excl = np.cumsum(step) - step
         first = np.r_[True, sorted_keys[1:] != sorted_keys[:-1]]
@@ -467,7 +467,7 @@ def rate_columns(
         numbers = (rating.token_units, rating.amount, rating.list_amount, rating.tier_usage_tu)
         micro = [_micro(x) for x in numbers]
         billable_out[i] = rating.billable
-        if max(micro) > _INT64_MAX:
+        if max(micro) > _INT64_MAX or min(micro) < -_INT64_MAX - 1:
             out_of_range.append((i, rating))
             tu_out[i] = amount_out[i] = list_out[i] = tier_out[i] = 0
             return
