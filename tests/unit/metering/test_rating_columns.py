@@ -370,14 +370,12 @@ def test_maximum_counts_with_large_weights_and_prices(small: PriceBook) -> None:
 def test_dictionary_columns_and_chunks_give_the_same_result(small: PriceBook) -> None:
     records = [_rec(input_tokens=7 * i, tenant_id=f"t{i % 3 + 1}") for i in range(30)]
     plain = rate_columns(small, LADDER, {}, _table(records))
-    table = _table(records[:11]).unify_dictionaries()
     chunked = pa.concat_tables([_table(records[:11]), _table(records[11:])])
     encoded = chunked.set_column(
         4,
         "tenant_id",
         pa.chunked_array([c.dictionary_encode() for c in chunked["tenant_id"].chunks]),
     )
-    assert table.num_rows == 11
     for other in (chunked, encoded):
         out = rate_columns(small, LADDER, {}, other)
         assert _views(out) == _views(plain)
