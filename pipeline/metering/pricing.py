@@ -600,6 +600,18 @@ class PriceBook:
     def versions(self) -> list[str]:
         return [card.version for card in self.cards]
 
+    @property
+    def starts_ms(self) -> list[int]:
+        """Each version's ``effective_from`` in UTC epoch ms, ascending (``cards`` order)."""
+        return list(self._starts)
+
+    def resolved(self, index: int, carrier: str, model: str) -> _Resolved | Unpriced:
+        """The integer terms (prices, TU weights, billable policy, compiled plans) for
+        ``(card index, serving_carrier, model_id)``, or ``Unpriced`` (``no_price_line``):
+        what ``rate`` uses, from the same cache. For callers that rate many events."""
+        res = self._cache.get((index, carrier, model))
+        return res if res is not None else self._resolve(index, carrier, model)
+
     def card_at(self, event_time_ms: int) -> PriceCard | None:
         """The version in force at this UTC epoch-ms instant, or ``None`` before the first."""
         i = bisect_right(self._starts, event_time_ms) - 1

@@ -11,8 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from decimal import Decimal
 
+import pyarrow as pa
+
 from pipeline.metering.plans import TenantPlans, period_key
 from pipeline.metering.pricing import PriceBook, Rating, Unpriced
+from pipeline.metering.rating_columns import RatedColumns, rate_columns
 from pipeline.stages.ingest import Accepted
 
 ZERO = Decimal("0.000000")
@@ -80,3 +83,10 @@ class RateStage:
                 usage[key] = usage.get(key, ZERO) + result.tier_usage_tu
             rated.append(Rated(acc, result, plan, period))
         return rated, unpriced
+
+    def rate_columns(self, table: pa.Table) -> RatedColumns:
+        """Rate a batch given as Arrow columns (``event_time`` epoch ms, ``serving_carrier``,
+        ``model_id``, ``status``, ``tenant_id``, the four token counts), rows in log order:
+        the same numbers as ``rate`` on the same events, in int64 micro-units, and the
+        same updates of ``usage``. See ``pipeline.metering.rating_columns``."""
+        return rate_columns(self.book, self.plans, self.usage, table)
