@@ -11,8 +11,8 @@
  *  - nothing is allocated from a length read off the wire: strings point into the message,
  *    map entries go into a scratch area that grows only as entries are actually read;
  *  - a row that is not a complete, exact v1 record (bad header, truncated, trailing bytes,
- *    bad UTF-8, bad union index, negative or too-large length, malformed varint) is flagged
- *    FALLBACK and leaves nothing in the columns but an empty/null slot.
+ *    bad UTF-8, bad union index, negative or too-large length, malformed varint, a map key
+ *    repeated) is flagged FALLBACK and leaves nothing in the columns but an empty/null slot.
  * No third-party C library: CPython's API and libc only.
  */
 #define PY_SSIZE_T_CLEAN
@@ -341,7 +341,59 @@ static int read_map(const uint8_t **pp, const uint8_t *end, entries *m) {
     }
 }
 
-static int decode_body(const uint8_t *p, const uint8_t *end, row *r, entries *m) {
+/* Open-addressing set of map entry indexes, for the duplicate-key check of big maps. */
+typedef struct {
+    uint32_t *slots;
+    size_t cap;
+} keyset;
+
+static inline int same_key(const entry *a, const entry *b) {
+    return a->klen == b->klen && memcmp(a->k, b->k, (size_t)a->klen) == 0;
+}
+
+/* Whether a key occurs twice: fastavro keeps the last value of a repeated key, so such a
+ * map is not what it decodes; the row goes to the scalar path. 1 yes, 0 no, DECODE_NOMEM.
+ * Big maps hash the keys with the secret SipHash key, so crafted collisions cannot make
+ * the check quadratic. */
+static int map_has_duplicates(const entries *m, keyset *ks, uint64_t k0, uint64_t k1) {
+    if (m->n < 2)
+        return 0;
+    if (m->n <= 16) {
+        for (size_t i = 1; i < m->n; i++)
+            for (size_t j = 0; j < i; j++)
+                if (same_key(&m->e[i], &m->e[j]))
+                    return 1;
+        return 0;
+    }
+    if (m->n >= UINT32_MAX / 4)
+        return 1; /* cannot be a real map; let the scalar path refuse it */
+    size_t cap = 64;
+    while (cap < 2 * m->n)
+        cap *= 2;
+    if (ks->cap < cap) {
+        uint32_t *slots = (uint32_t *)realloc(ks->slots, cap * sizeof(uint32_t));
+        if (!slots)
+            return DECODE_NOMEM;
+        ks->slots = slots;
+        ks->cap = cap;
+    }
+    memset(ks->slots, 0xff, cap * sizeof(uint32_t));
+    size_t mask = cap - 1;
+    for (size_t i = 0; i < m->n; i++) {
+        size_t h = (size_t)sip_bytes(k0 ^ 0x6d61706b657973ULL, k1, m->e[i].k,
+                                     (size_t)m->e[i].klen) & mask;
+        while (ks->slots[h] != UINT32_MAX) {
+            if (same_key(&m->e[i], &m->e[ks->slots[h]]))
+                return 1;
+            h = (h + 1) & mask;
+        }
+        ks->slots[h] = (uint32_t)i;
+    }
+    return 0;
+}
+
+static int decode_body(const uint8_t *p, const uint8_t *end, row *r, entries *m, keyset *ks,
+                       uint64_t k0, uint64_t k1) {
     m->n = 0;
     for (int f = 0; f < NFIELDS; f++) {
         int64_t branch;
@@ -375,6 +427,9 @@ static int decode_body(const uint8_t *p, const uint8_t *end, row *r, entries *m)
             int rc = read_map(&p, end, m);
             if (rc < 0)
                 return rc;
+            rc = map_has_duplicates(m, ks, k0, k1);
+            if (rc)
+                return rc < 0 ? rc : DECODE_BAD;
             r->present[f] = 1;
             break;
         }
@@ -559,6 +614,7 @@ static PyObject *avrocol_decode(PyObject *self, PyObject *args) {
     column cols[NFIELDS];
     mapcol mc;
     entries m = {NULL, 0, 0};
+    keyset ks = {NULL, 0};
     memset(cols, 0, sizeof(cols));
     memset(&mc, 0, sizeof(mc));
     if (!ptrs || !lens) {
@@ -626,7 +682,7 @@ static PyObject *avrocol_decode(PyObject *self, PyObject *args) {
         }
         int rc = DECODE_BAD;
         if (body) {
-            rc = decode_body(body, end, &r, &m);
+            rc = decode_body(body, end, &r, &m, &ks, k0, k1);
             if (rc == 0 && !row_fits(cols, &mc, &r, &m))
                 rc = DECODE_BAD;
         }
@@ -702,6 +758,7 @@ done:
     free(mc.voff.data);
     free(mc.vdata.data);
     free(m.e);
+    free(ks.slots);
     Py_XDECREF(status_obj);
     Py_XDECREF(ph_obj);
     Py_XDECREF(kf_obj);

@@ -10,7 +10,8 @@ the codec's v1 fingerprint (``C3 01`` + fingerprint + body), or Confluent-framed
 4-byte big-endian schema id + body) with an id registered by ``register_confluent_id``,
 whose body is one complete v1 record (no trailing bytes, strict UTF-8 in every string,
 union indexes 0/1, no negative lengths, varints of at most 10 bytes that fit int64; map
-blocks with a negative count carry their byte size, which must match). Such a row is
+blocks with a negative count carry their byte size, which must match; no map key twice,
+as fastavro keeps only the last of repeated keys). Such a row is
 ``OK`` and equal, field by field, to what ``AvroCodec.decode`` returns for it. Every other
 row is ``FALLBACK`` (another writer schema, unregistered ids, truncated or hostile
 bytes, a value that is not ``bytes``): the caller sends it through ``AvroCodec.decode``,
