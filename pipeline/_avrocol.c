@@ -468,6 +468,8 @@ static PyObject *new_bytes(Py_ssize_t n, void **ptr, int zero) {
 }
 
 static int grow_append(growbuf *g, const void *src, size_t n) {
+    if (n == 0) /* an empty string; the buffer may not exist yet (memcpy to NULL is UB) */
+        return 0;
     if (grow_reserve(g, n) < 0)
         return -1;
     memcpy(g->data + g->len, src, n);
@@ -628,7 +630,7 @@ static PyObject *avrocol_decode(PyObject *self, PyObject *args) {
             lens[i] = PyBytes_GET_SIZE(v);
         } else { /* None or another type: not ours to read, the scalar path decides */
             ptrs[i] = NULL;
-            lens[i] = -1;
+            lens[i] = 0;
         }
     }
     Py_ssize_t bitmap = (n + 7) / 8;
@@ -667,7 +669,7 @@ static PyObject *avrocol_decode(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     row r;
     for (Py_ssize_t i = 0; i < n; i++) {
-        const uint8_t *p = ptrs[i], *end = p + lens[i], *body = NULL;
+        const uint8_t *p = ptrs[i], *end = p ? p + lens[i] : NULL, *body = NULL;
         Py_ssize_t len = lens[i];
         if (p && len >= 10 && p[0] == 0xC3 && p[1] == 0x01 && memcmp(p + 2, fp, 8) == 0) {
             body = p + 10;
