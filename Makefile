@@ -8,7 +8,8 @@ QUOTAD := $(BIN)/tokenmeter-quotad
 
 .PHONY: setup demo test unit integration bench lint clean
 
-$(STAMP): pyproject.toml
+# setup.py and the C source too: `pip install -e` compiles pipeline/_avrocol.c in place
+$(STAMP): pyproject.toml setup.py pipeline/_avrocol.c
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'

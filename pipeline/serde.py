@@ -77,6 +77,46 @@ def load_schema_file(path: Path) -> dict[str, Any]:
     return loaded
 
 
+# The usage_event v1 writer layout, as (field name, Avro type with logical types removed):
+# what the fast encoder in ``pipeline.simulate`` and the compiled decoder in
+# ``pipeline.serde_columnar`` are written for.
+V1_LAYOUT: tuple[tuple[str, Any], ...] = (
+    ("event_id", "string"),
+    ("event_time", "long"),
+    ("source", "string"),
+    ("source_id", "string"),
+    ("reporting_carrier", "string"),
+    ("home_carrier", "string"),
+    ("serving_carrier", "string"),
+    ("transaction_id", ["null", "string"]),
+    ("tenant_id", "string"),
+    ("subscriber_id", "string"),
+    ("channel", "string"),
+    ("model_id", "string"),
+    ("provider", "string"),
+    ("input_tokens", "long"),
+    ("output_tokens", "long"),
+    ("cached_tokens", "long"),
+    ("reasoning_tokens", "long"),
+    ("status", "string"),
+    ("routing_policy", ["null", "string"]),
+    ("latency_ms", ["null", "long"]),
+    ("region", ["null", "string"]),
+    ("attributes", {"type": "map", "values": "string"}),
+)
+
+
+def writer_layout(codec: AvroCodec) -> tuple[tuple[str, Any], ...]:
+    """The codec's writer schema as (field name, type), logical types removed."""
+    fields = []
+    for f in codec.schema().get("fields", []):
+        ftype = f["type"]
+        if isinstance(ftype, dict) and "logicalType" in ftype:
+            ftype = ftype["type"]
+        fields.append((f["name"], ftype))
+    return tuple(fields)
+
+
 @dataclass(frozen=True)
 class _Writer:
     version: str

@@ -59,7 +59,7 @@ from statistics import NormalDist
 from typing import Any, TypeVar
 
 from pipeline.events import TOKEN_FIELDS, Reason
-from pipeline.serde import MAGIC, AvroCodec
+from pipeline.serde import MAGIC, V1_LAYOUT, AvroCodec, writer_layout
 
 KIND_VALID = "valid"
 KIND_DUPLICATE = "duplicate"
@@ -218,33 +218,6 @@ class _Tenant:
 _VARINT_TABLE: list[bytes] = []  # varint of every zig-zagged value below 2**16, lazily
 _CACHE_MAX = 100_000  # encoded strings kept (labels that repeat: tenants, gateways, ...)
 
-# The writer-schema layout the fast encoder is written for (usage_event v1), as
-# (field name, Avro type with logical types removed).
-_V1_LAYOUT: tuple[tuple[str, Any], ...] = (
-    ("event_id", "string"),
-    ("event_time", "long"),
-    ("source", "string"),
-    ("source_id", "string"),
-    ("reporting_carrier", "string"),
-    ("home_carrier", "string"),
-    ("serving_carrier", "string"),
-    ("transaction_id", ["null", "string"]),
-    ("tenant_id", "string"),
-    ("subscriber_id", "string"),
-    ("channel", "string"),
-    ("model_id", "string"),
-    ("provider", "string"),
-    ("input_tokens", "long"),
-    ("output_tokens", "long"),
-    ("cached_tokens", "long"),
-    ("reasoning_tokens", "long"),
-    ("status", "string"),
-    ("routing_policy", ["null", "string"]),
-    ("latency_ms", ["null", "long"]),
-    ("region", ["null", "string"]),
-    ("attributes", {"type": "map", "values": "string"}),
-)
-
 
 def _varint(z: int) -> bytes:
     """The Avro varint of a non-negative (already zig-zagged) integer."""
@@ -256,19 +229,8 @@ def _varint(z: int) -> bytes:
     return bytes(out)
 
 
-def _layout(codec: AvroCodec) -> tuple[tuple[str, Any], ...]:
-    """The codec's writer schema as (field name, type), logical types removed."""
-    fields = []
-    for f in codec.schema().get("fields", []):
-        ftype = f["type"]
-        if isinstance(ftype, dict) and "logicalType" in ftype:
-            ftype = ftype["type"]
-        fields.append((f["name"], ftype))
-    return tuple(fields)
-
-
 def _v1_encoder(header: bytes) -> Callable[[dict[str, Any]], bytes]:
-    """Avro single-object encoding of a record with the ``_V1_LAYOUT`` writer schema
+    """Avro single-object encoding of a record with the ``V1_LAYOUT`` writer schema
     (``header`` = C3 01 + its fingerprint): the same bytes as ``AvroCodec.encode``."""
     if not _VARINT_TABLE:
         _VARINT_TABLE.extend(_varint(z) for z in range(1 << 16))
@@ -610,7 +572,7 @@ class Simulation:
             self._tenant_cum.append(total)
 
         fast = None
-        if _layout(self.codec) == _V1_LAYOUT:
+        if writer_layout(self.codec) == V1_LAYOUT:
             fast = _v1_encoder(MAGIC + self.codec.fingerprint)
             for sample in self._samples():
                 if fast(sample) != self.codec.encode(sample):  # pragma: no cover - guard
