@@ -42,6 +42,28 @@ like this, for an event with payload hash ``h`` at position ``p``:
 ``verify`` is called only in case 3, i.e. for true conflicting duplicates and for real
 collisions, so a warehouse lookup behind it costs nothing on the normal path. It must
 also know the events of the batch being processed (they are not stored yet).
+
+A decision depends only on the live entries with the event's fingerprint, never on where
+they sit (delta or main store) or in which order: the fast paths answer from the first
+entry found only while a fingerprint has at most one live entry, and the fingerprints
+that hold several (verified collisions) are kept in a small set and always go through
+the full resolution above. So merges never change an answer, and a batch may be decided
+in any order that keeps the order of the events of one fingerprint.
+
+Batches. ``check_many`` decides a whole batch with a few numpy passes (one sort of the
+batch's fingerprints, one ``searchsorted`` in the main store, a vectorised walk of the
+delta's probe table, one bulk append of the new keys), with exactly the decisions and the
+resulting state of ``check`` called row by row. Rows that need ``verify`` (a fingerprint
+match with another payload hash), and the later rows with the same fingerprint, go
+through the scalar resolution; ``keys(row)`` supplies their key only then.
+
+Two ways to key an index, never mixed. Either string keys (``check``, ``add``,
+``add_many``, ``forget``; the fingerprint is ``fingerprint(key)``, by default Python's
+``hash``), or fingerprints computed by the caller (``check_many``, ``add_many_fp``,
+``forget_fp``; e.g. by the compiled decoder, from the same bytes). The string methods
+fingerprint with ``fingerprint``, so on an index fed external fingerprints they would
+look up other numbers and miss every key, unless ``fingerprint`` is given and computes
+exactly the caller's fingerprint (as the tests do).
 """
 
 from __future__ import annotations
@@ -128,6 +150,21 @@ def _view(arr: np.ndarray, fmt: Literal["Q", "q", "I"]) -> memoryview:
 _FP, _PH, _POS, _TS = np.uint64, np.int64, np.uint64, np.uint32
 
 
+def _gather(chunks: list[np.ndarray], idx: np.ndarray) -> np.ndarray:
+    """``column[idx]`` for a delta column held as chunks, without joining the chunks
+    when only a few of them are read."""
+    if len(chunks) == 1:
+        return chunks[0][idx]
+    if len(idx) * 4 > len(chunks) * _CHUNK:  # dense: one join is cheaper
+        return np.concatenate(chunks)[idx]
+    which = idx >> _CHUNK_BITS
+    out = np.empty(len(idx), chunks[0].dtype)
+    for c in np.unique(which).tolist():
+        sel = which == c
+        out[sel] = chunks[c][idx[sel] & _CHUNK_MASK]
+    return out
+
+
 class DedupIndex:
     """key -> (payload hash, partition, offset, event time) of the first occurrence.
 
@@ -157,6 +194,7 @@ class DedupIndex:
         "_fingerprint",
         "_live",
         "_m_dead",
+        "_multi",
         "_mfp",
         "_mph",
         "_mphv",
@@ -191,6 +229,9 @@ class DedupIndex:
         self._fingerprint: Callable[[str], int] = fingerprint if fingerprint is not None else hash
         self._delta_min = max(1, delta_min)
         self._live = 0
+        # fingerprints with several live entries (verified collisions; see the module
+        # docstring): their lookups always take the full resolution in _decide
+        self._multi: set[int] = set()
         self._set_main(
             np.empty(0, _FP), np.empty(0, _PH), np.empty(0, _POS), np.empty(0, _TS), rebuild=True
         )
@@ -232,7 +273,7 @@ class DedupIndex:
                     pos = self._dposv[c][o]
                     if pos == (partition << _OFFSET_BITS) | offset:
                         return Decision.NEW
-                    if pos != _DEAD and self._dphv[c][o] == payload_hash:
+                    if pos != _DEAD and self._dphv[c][o] == payload_hash and fp not in self._multi:
                         return Decision.DUPLICATE
                     return self._decide(key, fp, payload_hash, partition, offset, event_ms, False)
                 i += 1
@@ -248,7 +289,7 @@ class DedupIndex:
                 pos = self._mposv[k]
                 if pos == (partition << _OFFSET_BITS) | offset:
                     return Decision.NEW
-                if pos != _DEAD and self._mphv[k] == payload_hash:
+                if pos != _DEAD and self._mphv[k] == payload_hash and fp not in self._multi:
                     return Decision.DUPLICATE
                 return self._decide(key, fp, payload_hash, partition, offset, event_ms, False)
         # new: append to the delta (inlined _append: this is most events' path)
@@ -273,15 +314,80 @@ class DedupIndex:
             self._merge()
         return Decision.NEW
 
+    def check_many(
+        self,
+        fps: np.ndarray,
+        payload_hashes: np.ndarray,
+        partitions: np.ndarray,
+        offsets: np.ndarray,
+        event_ms: np.ndarray,
+        keys: Callable[[int], str] | None = None,
+    ) -> np.ndarray:
+        """``check`` for a whole batch, vectorised: returns a uint8 array of ``Decision``
+        values, one a row, and leaves the index as ``check`` called row by row in order
+        would (the first copy of a key within the batch decides its later copies).
+
+        ``fps`` are the caller's 64-bit fingerprints of the keys (uint64; int64 is read
+        as the same bits); the other columns are as ``check``'s arguments. ``keys(row)``
+        returns row ``row``'s key string; it is called only for the rare rows whose
+        fingerprint matches an entry with another payload hash while ``verify`` is set,
+        and is required then. Raises ``ValueError`` before changing anything for columns
+        of different lengths, a position out of range (anywhere in the batch: the batch
+        is refused whole), or a ``verify`` case without ``keys``.
+        """
+        fp = np.asarray(fps).astype(_FP, copy=False)
+        ph, pos, ms, ts = self._columns(len(fp), payload_hashes, partitions, offsets, event_ms)
+        n = len(fp)
+        out = np.zeros(n, np.uint8)
+        if not n:
+            return out
+        # group the rows by fingerprint, each group in batch order (stable sort)
+        order = np.argsort(fp, kind="stable")
+        sfp = fp[order]
+        lead = np.empty(n, bool)
+        lead[0] = True
+        np.not_equal(sfp[1:], sfp[:-1], out=lead[1:])
+        group = np.cumsum(lead) - 1
+        lead_rows = order[lead]
+        held, ref_ph, ref_pos, scalar = self._lookup_many(sfp[lead])
+        # a group without a live entry: its first row is new and decides the later ones
+        fresh = ~held & ~scalar
+        ref_ph[fresh] = ph[lead_rows[fresh]]
+        ref_pos[fresh] = pos[lead_rows[fresh]]
+        spos, sph = pos[order], ph[order]
+        again = spos == ref_pos[group]  # the reference event itself: NEW, nothing stored
+        same = ~again & (sph == ref_ph[group])
+        other = ~again & ~same  # another payload hash: conflict, or a collision
+        decided = np.where(same, np.uint8(Decision.DUPLICATE), np.uint8(Decision.NEW))
+        decided[other] = Decision.CONFLICT  # without verify, final (see _decide)
+        slow = scalar[group]
+        if self.verify is not None and other.any():
+            # verify may add an entry for the fingerprint: that row and the group's
+            # later rows are decided one by one, in order, after the bulk append
+            seen = np.cumsum(other & ~slow)
+            before = (seen - (other & ~slow))[lead]
+            slow |= seen > before[group]
+        out[order] = decided
+        slow_rows = np.sort(order[slow])
+        if len(slow_rows) and self.verify is not None and keys is None:
+            raise ValueError(
+                "check_many: a fingerprint match with another payload hash needs verify, "
+                "so keys (row -> key string) must be given"
+            )
+        new_rows = np.sort(lead_rows[fresh])
+        self._append_many(fp[new_rows], ph[new_rows], pos[new_rows], ts[new_rows])
+        for row in slow_rows.tolist():
+            key: str | Callable[[], str] = "" if keys is None else functools.partial(keys, row)
+            partition, offset = _unpack(int(pos[row]))
+            out[row] = self._decide(
+                key, int(fp[row]), int(ph[row]), partition, offset, int(ms[row]), False
+            )
+        return out
+
     def add(self, key: str, payload_hash: int, partition: int, offset: int, event_ms: int) -> None:
         """Record a stored event (used when loading from the warehouse); the first entry
         of a key stays."""
-        fp = self._fingerprint(key) & _M64
-        slot = self._seek(fp)
-        if slot < 0:
-            self._decide(key, fp, payload_hash, partition, offset, event_ms, True)
-        else:
-            self._append(fp, payload_hash, _pack(partition, offset), _seconds(event_ms), slot)
+        self._add_fp(key, self._fingerprint(key) & _M64, payload_hash, partition, offset, event_ms)
 
     def add_many(
         self,
@@ -293,37 +399,49 @@ class DedupIndex:
     ) -> None:
         """``add`` for many stored events at once (a partition's keys from the
         warehouse), vectorised: the same result as calling ``add`` row by row."""
-        n = len(keys)
+        fpfn = self._fingerprint
+        fps = np.fromiter((fpfn(k) & _M64 for k in keys), _FP, count=len(keys))
+        self.add_many_fp(fps, payload_hashes, partitions, offsets, event_ms, keys.__getitem__)
+
+    def add_many_fp(
+        self,
+        fps: np.ndarray,
+        payload_hashes: np.ndarray | Sequence[int],
+        partitions: np.ndarray | Sequence[int],
+        offsets: np.ndarray | Sequence[int],
+        event_ms: np.ndarray | Sequence[int],
+        keys: Callable[[int], str] | None = None,
+    ) -> None:
+        """``add_many`` with the caller's fingerprints (see ``check_many``): the same
+        result as ``add`` row by row. ``keys(row)`` is asked only for a row whose
+        fingerprint is already held with another payload hash while ``verify`` is set
+        (a ``ValueError`` if it is missing then, before anything is added)."""
+        fp = np.asarray(fps).astype(_FP, copy=False)
+        ph, pos, ms, ts = self._columns(len(fp), payload_hashes, partitions, offsets, event_ms)
+        n = len(fp)
         if not n:
             return
-        fpfn = self._fingerprint
-        fps = np.fromiter((fpfn(k) & _M64 for k in keys), _FP, count=n)
-        parts = np.asarray(partitions, dtype=np.int64)
-        offs = np.asarray(offsets, dtype=np.int64)
-        if (
-            parts.min() < 0
-            or parts.max() > _PARTITION_MAX
-            or offs.min() < 0
-            or offs.max() > _OFFSET_MAX
-        ):
-            raise ValueError("a position is out of range: partition 0..65534, offset 0..2**48-1")
-        pos = (parts.astype(_POS) << np.uint64(_OFFSET_BITS)) | offs.astype(_POS)
-        ts = np.clip(np.asarray(event_ms, dtype=np.int64) // 1000, 0, _TS_MAX).astype(_TS)
-        ph = np.asarray(payload_hashes, dtype=_PH)
         self._merge()  # everything in the main store: one place to look for clashes
-        # rows whose fingerprint is already held, or occurs twice here, go through add()
+        # rows whose fingerprint is already held, or occurs twice here, go through _add_fp
         held = np.zeros(n, bool)
         if len(self._mfp):
-            where = np.minimum(np.searchsorted(self._mfp, fps), len(self._mfp) - 1)
-            held = self._mfp[where] == fps
-        uniq, inverse, counts = np.unique(fps, return_inverse=True, return_counts=True)
+            where = np.minimum(np.searchsorted(self._mfp, fp), len(self._mfp) - 1)
+            held = self._mfp[where] == fp
+        _uniq, inverse, counts = np.unique(fp, return_inverse=True, return_counts=True)
         suspect = held | (counts[inverse] > 1)
+        if keys is None and self.verify is not None and suspect.any():
+            raise ValueError(
+                "add_many_fp: a fingerprint already held needs verify, so keys "
+                "(row -> key string) must be given"
+            )
         clean = ~suspect
-        self._merge_arrays(fps[clean], ph[clean], pos[clean], ts[clean])
+        self._merge_arrays(fp[clean], ph[clean], pos[clean], ts[clean])
         self._live += int(clean.sum())
         self._d_limit = max(self._delta_min, len(self._mfp) // _DELTA_SHARE)
         for row in np.flatnonzero(suspect).tolist():
-            self.add(keys[row], int(ph[row]), int(parts[row]), int(offs[row]), int(event_ms[row]))
+            key: str | Callable[[], str] = "" if keys is None else functools.partial(keys, row)
+            partition, offset = _unpack(int(pos[row]))
+            self._add_fp(key, int(fp[row]), int(ph[row]), partition, offset, int(ms[row]))
 
     def forget(self, key: str, partition: int | None = None, offset: int | None = None) -> None:
         """Drop a key (used when a batch that added it is abandoned).
@@ -331,14 +449,22 @@ class DedupIndex:
         With its position the right entry is dropped even under a fingerprint
         collision; without, ``verify`` picks the entries that are this key (all entries
         with its fingerprint when there is no ``verify``)."""
-        fp = self._fingerprint(key) & _M64
-        found = self._candidates(fp)
+        self.forget_fp(self._fingerprint(key) & _M64, partition, offset, key)
+
+    def forget_fp(
+        self, fp: int, partition: int | None = None, offset: int | None = None, key: str = ""
+    ) -> None:
+        """``forget`` by the caller's fingerprint (see ``check_many``). Without a position
+        and with ``verify`` set, ``key`` must be the key string (``verify`` is asked)."""
+        found = self._candidates(int(fp) & _M64)
         if not found:
             return
         if partition is not None and offset is not None:
             pos = _pack(partition, offset)
             found = [c for c in found if c[2] == pos]
         elif self.verify is not None:
+            if not key:
+                raise ValueError("forget_fp without a position needs key for verify")
             verify = self.verify
             found = [c for c in found if verify(key, _unpack(c[2]))]
         for in_delta, idx, _pos, _ph in found:
@@ -370,6 +496,9 @@ class DedupIndex:
             )
             self._m_dead = 0
             self._live -= dropped
+            # all live entries are in the main store now: the fingerprints still held twice
+            twice = self._mfp[1:][self._mfp[1:] == self._mfp[:-1]]
+            self._multi = set(np.unique(twice).tolist())
         return dropped
 
     # ---- lookups ---------------------------------------------------------------------
@@ -416,9 +545,113 @@ class DedupIndex:
             k += 1
         return out
 
+    def _lookup_many(
+        self, fps: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """For distinct fingerprints: (held by a live entry, its payload hash, its
+        position, must be resolved row by row). The last is set for the fingerprints that
+        may hold several live entries (``_multi``, or several in the main store)."""
+        k = len(fps)
+        live = np.zeros(k, np.int64)
+        ref_ph, ref_pos = np.zeros(k, _PH), np.zeros(k, _POS)
+        scalar = np.zeros(k, bool)
+        nm = len(self._mfp)
+        if nm:
+            lo = np.searchsorted(self._mfp, fps)
+            at = np.minimum(lo, nm - 1)
+            hit = self._mfp[at] == fps
+            scalar |= hit & (self._mfp[np.minimum(lo + 1, nm - 1)] == fps) & (lo + 1 < nm)
+            rows = np.flatnonzero(hit)
+            pos = self._mpos[at[rows]]
+            rows = rows[pos != np.uint64(_DEAD)]
+            live[rows] += 1
+            ref_ph[rows] = self._mph[at[rows]]
+            ref_pos[rows] = self._mpos[at[rows]]
+        if self._d_len:
+            rows, slots = self._probe_many(fps)
+            pos = _gather(self._dpos, slots)
+            alive = pos != np.uint64(_DEAD)
+            rows, slots = rows[alive], slots[alive]
+            np.add.at(live, rows, 1)
+            ref_ph[rows] = _gather(self._dph, slots)
+            ref_pos[rows] = pos[alive]
+        scalar |= live > 1
+        if self._multi:
+            scalar |= np.isin(fps, np.fromiter(self._multi, _FP, len(self._multi)))
+        return live > 0, ref_ph, ref_pos, scalar
+
+    def _probe_many(self, fps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every delta entry with one of ``fps``: (index into ``fps``, delta index), found
+        by walking the probe table for all of them at once."""
+        dfp = self._dfp[0] if len(self._dfp) == 1 else np.concatenate(self._dfp)
+        sp = self._sp
+        todo = np.arange(len(fps))
+        at = (fps >> np.uint64(self._sshift)).astype(np.intp)
+        found_rows, found_slots = [], []
+        while len(todo):
+            slot = sp[at]
+            busy = slot != _EMPTY
+            todo, at, slot = todo[busy], at[busy], slot[busy]
+            match = dfp[slot] == fps[todo]
+            if match.any():
+                found_rows.append(todo[match])
+                found_slots.append(slot[match])
+            at += 1
+        if not found_rows:
+            return np.empty(0, np.intp), np.empty(0, np.uint32)
+        return np.concatenate(found_rows), np.concatenate(found_slots)
+
+    def _add_fp(
+        self,
+        key: str | Callable[[], str],
+        fp: int,
+        payload_hash: int,
+        partition: int,
+        offset: int,
+        event_ms: int,
+    ) -> None:
+        slot = self._seek(fp)
+        if slot < 0:
+            self._decide(key, fp, payload_hash, partition, offset, event_ms, True)
+        else:
+            self._append(fp, payload_hash, _pack(partition, offset), _seconds(event_ms), slot)
+
+    @staticmethod
+    def _columns(
+        n: int,
+        payload_hashes: np.ndarray | Sequence[int],
+        partitions: np.ndarray | Sequence[int],
+        offsets: np.ndarray | Sequence[int],
+        event_ms: np.ndarray | Sequence[int],
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """A batch's columns checked and converted: (payload hashes, packed positions,
+        event ms, event seconds). ``ValueError`` names what is wrong."""
+        ph = np.asarray(payload_hashes).astype(_PH, copy=False)
+        parts = np.asarray(partitions).astype(np.int64, copy=False)
+        offs = np.asarray(offsets).astype(np.int64, copy=False)
+        ms = np.asarray(event_ms).astype(np.int64, copy=False)
+        for name, col in (
+            ("payload_hashes", ph),
+            ("partitions", parts),
+            ("offsets", offs),
+            ("event_ms", ms),
+        ):
+            if col.shape != (n,):
+                raise ValueError(f"{name}: {col.shape[0] if col.ndim else 0} values for {n} keys")
+        if n and (
+            parts.min() < 0
+            or parts.max() > _PARTITION_MAX
+            or offs.min() < 0
+            or offs.max() > _OFFSET_MAX
+        ):
+            raise ValueError("a position is out of range: partition 0..65534, offset 0..2**48-1")
+        pos = (parts.astype(_POS) << np.uint64(_OFFSET_BITS)) | offs.astype(_POS)
+        ts = np.clip(ms // 1000, 0, _TS_MAX).astype(_TS)
+        return ph, pos, ms, ts
+
     def _decide(
         self,
-        key: str,
+        key: str | Callable[[], str],
         fp: int,
         payload_hash: int,
         partition: int,
@@ -426,7 +659,8 @@ class DedupIndex:
         event_ms: int,
         adding: bool,
     ) -> Decision:
-        """The slow path: ``fp`` is held by at least one entry (maybe a dead one)."""
+        """The slow path: ``fp`` is held by at least one entry (maybe a dead one).
+        ``key`` is the key, or a function returning it (asked only if ``verify`` is)."""
         pos = _pack(partition, offset)
         found = self._candidates(fp)
         if found:
@@ -437,8 +671,11 @@ class DedupIndex:
             verify = self.verify
             if verify is None:
                 return Decision.CONFLICT  # unverifiable: same key (see module docstring)
+            if not isinstance(key, str):
+                key = key()
             if any(verify(key, _unpack(c[2])) for c in found):
                 return Decision.CONFLICT
+            self._multi.add(fp)  # a second live key with this fingerprint
         # all dead, or only other keys with this fingerprint: a new key
         spv = self._spv
         i = fp >> self._sshift
@@ -465,6 +702,50 @@ class DedupIndex:
             self._build_probe_table()  # the new entry is in the chunks: rebuilt with it
         if n + 1 >= self._d_limit:
             self._merge()
+
+    def _append_many(self, fp: np.ndarray, ph: np.ndarray, pos: np.ndarray, ts: np.ndarray) -> None:
+        """``_append`` for many new entries (distinct fingerprints, none live)."""
+        m = len(fp)
+        if not m:
+            return
+        start = n = self._d_len
+        done = 0
+        while done < m:
+            o = n & _CHUNK_MASK
+            if not o:
+                self._new_chunk()
+            take = min(m - done, _CHUNK - o)
+            for chunks, col in ((self._dfp, fp), (self._dph, ph), (self._dpos, pos)):
+                chunks[-1][o : o + take] = col[done : done + take]
+            self._dts[-1][o : o + take] = ts[done : done + take]
+            n += take
+            done += take
+        self._d_len = n
+        self._live += m
+        if n >= self._d_limit:
+            self._merge()
+        elif n > self._grow_at:
+            self._build_probe_table()  # larger, with the new entries
+        else:
+            self._probe_insert(fp, np.arange(start, n, dtype=np.uint32))
+
+    def _probe_insert(self, fp: np.ndarray, idx: np.ndarray) -> None:
+        """Put delta entries ``idx`` (fingerprints ``fp``) into the probe table, each at the
+        first free slot from its home, all at once: per round, each free slot taken goes
+        to one of the entries aiming at it, the others move one slot on."""
+        sp, limit = self._sp, self._slot_limit
+        at = (fp >> np.uint64(self._sshift)).astype(np.intp)
+        while len(at):
+            if int(at.max()) >= limit:  # ran into the tail: rebuild (the entries are in)
+                self._build_probe_table()
+                return
+            free = np.flatnonzero(sp[at] == _EMPTY)
+            _slots, first = np.unique(at[free], return_index=True)
+            won = free[first]
+            sp[at[won]] = idx[won]
+            rest = np.ones(len(at), bool)
+            rest[won] = False
+            at, idx = at[rest] + 1, idx[rest]
 
     def _new_chunk(self) -> None:
         fp, ph = np.zeros(_CHUNK, _FP), np.zeros(_CHUNK, _PH)
