@@ -1,10 +1,14 @@
 """Types of the compiled decoder (pipeline/_avrocol.c); used through pipeline.serde_columnar."""
 
 from collections.abc import Sequence
+from typing import Any
 
-# strings: (offsets, data, validity or None); longs: (values, validity or None)
-_Column = tuple[bytes | None, ...]
-_MapColumns = tuple[bytes, bytes, bytes, bytes, bytes, int]
+# (address, size, owner): memory filled by the C side, freed with owner
+_Foreign = tuple[int, int, object]
+# strings: (offsets: bytes, data: _Foreign, validity: bytes | None);
+# longs: (values: bytes, validity: bytes | None)
+_Column = tuple[Any, ...]
+_MapColumns = tuple[bytes, _Foreign, _Foreign, _Foreign, _Foreign, int]
 _StringBuffers = tuple[object, ...]
 
 def decode(

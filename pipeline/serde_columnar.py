@@ -35,8 +35,15 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from pipeline import _avrocol
 from pipeline.serde import V1_LAYOUT, AvroCodec, writer_layout
+
+try:
+    from pipeline import _avrocol
+except ImportError as exc:  # a checkout used without installing: say how to build it
+    raise ImportError(
+        "pipeline._avrocol (the compiled decoder, pipeline/_avrocol.c) is not built: run "
+        "`make setup`, or `pip install -e .` (needs a C compiler)"
+    ) from exc
 
 OK, FALLBACK = 0, 1
 PAYLOAD_HASH_VERSION = 2
@@ -118,7 +125,7 @@ class ColumnarDecoder:
                 offsets, data, valid = col
                 arrays.append(
                     pa.Array.from_buffers(
-                        pa.string(), n, [_buf(valid), pa.py_buffer(offsets), pa.py_buffer(data)]
+                        pa.string(), n, [_buf(valid), pa.py_buffer(offsets), _foreign(data)]
                     )
                 )
             else:
@@ -128,10 +135,10 @@ class ColumnarDecoder:
                 )
         moffsets, koffsets, kdata, voffsets, vdata, entries = mapcols
         keys = pa.Array.from_buffers(
-            pa.string(), entries, [None, pa.py_buffer(koffsets), pa.py_buffer(kdata)]
+            pa.string(), entries, [None, _foreign(koffsets), _foreign(kdata)]
         )
         items = pa.Array.from_buffers(
-            pa.string(), entries, [None, pa.py_buffer(voffsets), pa.py_buffer(vdata)]
+            pa.string(), entries, [None, _foreign(voffsets), _foreign(vdata)]
         )
         offsets = pa.Array.from_buffers(pa.int32(), n + 1, [None, pa.py_buffer(moffsets)])
         arrays.append(pa.MapArray.from_arrays(offsets, keys, items, type=SCHEMA[-1].type))
@@ -145,6 +152,13 @@ class ColumnarDecoder:
 
 def _buf(data: bytes | None) -> pa.Buffer | None:
     return None if data is None else pa.py_buffer(data)
+
+
+def _foreign(spec: tuple[int, int, object]) -> pa.Buffer:
+    """An Arrow buffer over memory the C side filled: (address, size, owner), no copy;
+    ``owner`` frees it when the buffer goes."""
+    address, size, owner = spec
+    return pa.foreign_buffer(address, size, base=owner) if size else pa.py_buffer(b"")
 
 
 def _string_buffers(array: pa.Array | pa.ChunkedArray, name: str) -> tuple[object, ...]:
