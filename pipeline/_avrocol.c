@@ -471,6 +471,14 @@ static PyObject *new_bytes(Py_ssize_t n, void **ptr, int zero) {
     return b;
 }
 
+/* A bytearray of n bytes (the per-row arrays: numpy views of it are writable). */
+static PyObject *new_bytearray(Py_ssize_t n, void **ptr) {
+    PyObject *b = PyByteArray_FromStringAndSize(NULL, n);
+    if (b)
+        *ptr = PyByteArray_AS_STRING(b);
+    return b;
+}
+
 static inline int grow_append(growbuf *g, const void *src, size_t n) {
     if (n == 0) /* an empty string; the buffer may not exist yet (memcpy to NULL is UB) */
         return 0;
@@ -672,9 +680,9 @@ static PyObject *avrocol_decode(PyObject *self, PyObject *args) {
     mc.kdata.hint = mc.vdata.hint = hint;
     mc.koff.hint = mc.voff.hint = 2 * hint + 4; /* an entry takes 2 bytes or more */
     Py_ssize_t bitmap = (n + 7) / 8;
-    if (!(status_obj = new_bytes(n, (void **)&status, 0)) ||
-        !(ph_obj = new_bytes(8 * n, (void **)&phash, 0)) ||
-        !(kf_obj = new_bytes(8 * n, (void **)&kfp, 0)))
+    if (!(status_obj = new_bytearray(n, (void **)&status)) ||
+        !(ph_obj = new_bytearray(8 * n, (void **)&phash)) ||
+        !(kf_obj = new_bytearray(8 * n, (void **)&kfp)))
         goto done;
     for (int f = 0; f < NFIELDS; f++) {
         column *c = &cols[f];
@@ -863,7 +871,7 @@ short_buf:
 }
 
 PyDoc_STRVAR(key_fps_doc,
-"key_fingerprints(n, carriers, event_ids, hash_key) -> bytes\n\n"
+"key_fingerprints(n, carriers, event_ids, hash_key) -> bytearray\n\n"
 "carriers and event_ids are (validity or None, offsets, data or None, offset) of Arrow\n"
 "utf8 arrays of length n. Returns n uint64 (native order): SipHash-2-4 of\n"
 "carrier + b'\\x1f' + event_id, 0 where either is null.");
@@ -892,7 +900,7 @@ static PyObject *avrocol_key_fingerprints(PyObject *self, PyObject *args) {
         return NULL;
     }
     uint64_t *out;
-    PyObject *res = new_bytes(8 * n, (void **)&out, 0);
+    PyObject *res = new_bytearray(8 * n, (void **)&out);
     if (res) {
         Py_BEGIN_ALLOW_THREADS
         const int32_t *co32 = (const int32_t *)c.offsets.buf;

@@ -80,7 +80,8 @@ class DecodedBatch:
 
     ``table``: the 22 v1 fields (``SCHEMA``); ``status``: uint8, ``OK`` or ``FALLBACK``;
     ``payload_hash``: int64 (0 for FALLBACK rows); ``key_fp``: uint64 fingerprint of the
-    dedup key (0 for FALLBACK rows).
+    dedup key (0 for FALLBACK rows). The numpy arrays are writable (e.g. to fill in the
+    FALLBACK rows once the scalar path has decoded them).
     """
 
     table: pa.Table

@@ -119,6 +119,8 @@ def check_against_fastavro(
     assert batch.table.schema == SCHEMA
     assert batch.table.num_rows == len(values)
     assert batch.status.dtype == np.uint8 and set(batch.status) <= {OK, FALLBACK}
+    assert batch.payload_hash.dtype == np.int64 and batch.key_fp.dtype == np.uint64
+    assert batch.status.flags.writeable and batch.key_fp.flags.writeable
     table_rows = batch.table.to_pylist()
     fps = key_fingerprints(batch.table["reporting_carrier"], batch.table["event_id"], KEY)
     for i, value in enumerate(values):
