@@ -30,7 +30,7 @@ from pipeline.serde_columnar import (
     DecodedBatch,
     key_fingerprints,
 )
-from pipeline.simulate import Simulation
+from pipeline.simulate import Simulation, _varint
 from tests.integration.faults import hostile
 from tests.unit.test_schema_evolution import _record, _v2_schema
 
@@ -264,13 +264,8 @@ def test_a_hash_key_must_be_16_bytes() -> None:
 
 
 def _long_bytes(n: int) -> bytes:
-    z = ((n << 1) ^ (n >> 63)) & M64
-    out = bytearray()
-    while z > 0x7F:
-        out.append((z & 0x7F) | 0x80)
-        z >>= 7
-    out.append(z)
-    return bytes(out)
+    """An Avro long (zig-zag varint), also for values fastavro would not write."""
+    return _varint(((n << 1) ^ (n >> 63)) & M64)
 
 
 def _str(text: str) -> bytes:
