@@ -22,6 +22,8 @@ Payload hash, definition version 2 (``PAYLOAD_HASH_VERSION``): keyed SipHash-2-4
 16-byte ``hash_key``) of the Avro body bytes (after the framing header), as a signed
 int64 (two's complement of the 64-bit value). The same content written with the v1
 schema gives the same hash in both framings; map entry order is part of the content.
+Rows the scalar path decodes get theirs from ``ColumnarDecoder.scalar_hashes`` (the hash
+of the record's v1 body as the codec writes it).
 
 Key fingerprint: keyed SipHash-2-4 (same key) of ``utf8(reporting_carrier) + b"\\x1f" +
 utf8(event_id)``, as uint64; ``key_fingerprints`` computes the same from Arrow columns.
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -102,6 +105,7 @@ class ColumnarDecoder:
                 f"ColumnarDecoder: the codec writes usage_event {codec.write_version}, whose "
                 "layout is not v1's; only the v1 layout is compiled"
             )
+        self._codec = codec
         self._fingerprint = codec.fingerprint
         self._key = _check_key(hash_key)
         self._confluent_ids: tuple[int, ...] = ()
@@ -149,6 +153,16 @@ class ColumnarDecoder:
             payload_hash=np.frombuffer(phash, dtype=np.int64),
             key_fp=np.frombuffer(kfp, dtype=np.uint64),
         )
+
+    def scalar_hashes(self, record: dict[str, Any]) -> tuple[int, int]:
+        """``(payload_hash, key_fp)`` of a record the scalar path decoded (a FALLBACK row
+        that ``AvroCodec.decode`` accepted), by the same definitions as the fast path: the
+        payload hash of the record's v1 body as the codec writes it, so an event sent with
+        another schema version or framing hashes like the same content sent as v1.
+        Raises ``ValueError`` for a record that does not fit the v1 schema."""
+        phash = _avrocol.siphash24(self._key, self._codec.encode_body(record))
+        key = f"{record['reporting_carrier']}\x1f{record['event_id']}".encode()
+        return phash - (1 << 64 if phash >> 63 else 0), _avrocol.siphash24(self._key, key)
 
 
 def _buf(data: bytes | None) -> pa.Buffer | None:

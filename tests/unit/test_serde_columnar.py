@@ -247,6 +247,21 @@ def test_a_v2_event_falls_back_and_the_scalar_path_reads_it() -> None:
         ColumnarDecoder(producer, KEY)  # it writes v2: not the compiled layout
 
 
+def test_scalar_rows_hash_like_the_fast_path() -> None:
+    values = [CODEC.encode(hostile.valid_record(i, NOW)) for i in range(20)]
+    batch = check_against_fastavro(values)
+    for i, value in enumerate(values):
+        expected = (int(batch.payload_hash[i]), int(batch.key_fp[i]))
+        assert DECODER.scalar_hashes(CODEC.decode(value)) == expected
+    # the same content from a v2 producer: the v1 reader's record hashes as the v1 event
+    worker = AvroCodec(extra_schemas={"v2": _v2_schema()}, write_version="v1")
+    producer = AvroCodec(extra_schemas={"v2": _v2_schema()}, write_version="v2")
+    v1_event = ColumnarDecoder(worker, KEY).decode([CODEC.encode(_record())])
+    from_v2 = worker.decode(producer.encode(_record(tool_calls=3)))
+    scalar = ColumnarDecoder(worker, KEY).scalar_hashes(from_v2)
+    assert scalar == (int(v1_event.payload_hash[0]), int(v1_event.key_fp[0]))
+
+
 def test_values_that_are_not_bytes_fall_back() -> None:
     batch = DECODER.decode([None, CODEC.encode(_record()), bytearray(b"x")])  # type: ignore[list-item]
     assert list(batch.status) == [FALLBACK, OK, FALLBACK]
