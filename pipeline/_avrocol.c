@@ -249,16 +249,20 @@ static const int FIELD_KIND[NFIELDS] = {
 #define F_EVENT_ID 0
 #define F_REPORTING_CARRIER 4
 
-/* A growable byte area owned by C (string data, map entry offsets). */
+/* A growable byte area owned by C (string data, map entry offsets). ``hint``: the first
+ * capacity, an upper bound of the final size when the batch is not huge, so that it is
+ * rarely moved; pages never written are never touched (the OS maps them lazily). */
 typedef struct {
     uint8_t *data;
-    size_t len, cap;
+    size_t len, cap, hint;
 } growbuf;
 
-static int grow_reserve(growbuf *g, size_t extra) {
+#define HINT_MAX ((size_t)64 << 20)
+
+static inline int grow_reserve(growbuf *g, size_t extra) {
     if (g->len + extra <= g->cap)
         return 0;
-    size_t cap = g->cap ? g->cap : 4096;
+    size_t cap = g->cap ? g->cap : (g->hint > 4096 ? g->hint : 4096);
     while (cap < g->len + extra)
         cap *= 2;
     uint8_t *d = (uint8_t *)realloc(g->data, cap);
@@ -467,7 +471,15 @@ static PyObject *new_bytes(Py_ssize_t n, void **ptr, int zero) {
     return b;
 }
 
-static int grow_append(growbuf *g, const void *src, size_t n) {
+/* A bytearray of n bytes (the per-row arrays: numpy views of it are writable). */
+static PyObject *new_bytearray(Py_ssize_t n, void **ptr) {
+    PyObject *b = PyByteArray_FromStringAndSize(NULL, n);
+    if (b)
+        *ptr = PyByteArray_AS_STRING(b);
+    return b;
+}
+
+static inline int grow_append(growbuf *g, const void *src, size_t n) {
     if (n == 0) /* an empty string; the buffer may not exist yet (memcpy to NULL is UB) */
         return 0;
     if (grow_reserve(g, n) < 0)
@@ -550,8 +562,31 @@ static int parse_key(PyObject *key, uint64_t *k0, uint64_t *k1) {
     return 0;
 }
 
-static PyObject *growbuf_to_bytes(growbuf *g) {
-    return PyBytes_FromStringAndSize(g->len ? (const char *)g->data : "", (Py_ssize_t)g->len);
+#define CAPSULE_NAME "pipeline._avrocol.buffer"
+
+static void free_capsule(PyObject *capsule) {
+    free(PyCapsule_GetPointer(capsule, CAPSULE_NAME));
+}
+
+/* Hand a growbuf's memory to Python without copying: (address, size, owner), where owner
+ * is a capsule that frees the memory when the last Arrow buffer over it goes. An empty
+ * growbuf gives (0, 0, None). */
+static PyObject *growbuf_export(growbuf *g) {
+    if (!g->len)
+        return Py_BuildValue("(nnO)", (Py_ssize_t)0, (Py_ssize_t)0, Py_None);
+    uint8_t *shrunk = (uint8_t *)realloc(g->data, g->len); /* give the unused capacity back */
+    if (shrunk) {
+        g->data = shrunk;
+        g->cap = g->len;
+    }
+    PyObject *capsule = PyCapsule_New(g->data, CAPSULE_NAME, free_capsule);
+    if (!capsule)
+        return NULL;
+    PyObject *out = Py_BuildValue("(KnN)", (unsigned long long)(uintptr_t)g->data,
+                                  (Py_ssize_t)g->len, capsule);
+    g->data = NULL; /* the capsule owns it now (freed with it if Py_BuildValue failed) */
+    g->len = g->cap = 0;
+    return out;
 }
 
 PyDoc_STRVAR(decode_doc,
@@ -562,7 +597,9 @@ PyDoc_STRVAR(decode_doc,
 "Returns (status, payload_hash, key_fp, columns, map) where columns is a tuple of 21\n"
 "tuples in schema order (strings: (offsets, data, validity or None); longs: (values,\n"
 "validity or None)) and map is (offsets, key_offsets, key_data, item_offsets,\n"
-"item_data, entry_count). All buffers are bytes; validity bitmaps are Arrow's.");
+"item_data, entry_count). Buffers are bytes, except string data and the map's key and\n"
+"item buffers: (address, size, owner) of memory that owner frees (pa.foreign_buffer).\n"
+"Validity bitmaps are Arrow's.");
 
 static PyObject *avrocol_decode(PyObject *self, PyObject *args) {
     PyObject *values, *fp_obj, *ids_obj, *key_obj;
@@ -633,10 +670,19 @@ static PyObject *avrocol_decode(PyObject *self, PyObject *args) {
             lens[i] = 0;
         }
     }
+    /* one column's data never exceeds the batch's bytes: a first capacity that fits */
+    size_t total = 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        total += (size_t)lens[i];
+    size_t hint = total < HINT_MAX ? total : HINT_MAX;
+    for (int f = 0; f < NFIELDS; f++)
+        cols[f].data.hint = hint;
+    mc.kdata.hint = mc.vdata.hint = hint;
+    mc.koff.hint = mc.voff.hint = 2 * hint + 4; /* an entry takes 2 bytes or more */
     Py_ssize_t bitmap = (n + 7) / 8;
-    if (!(status_obj = new_bytes(n, (void **)&status, 0)) ||
-        !(ph_obj = new_bytes(8 * n, (void **)&phash, 0)) ||
-        !(kf_obj = new_bytes(8 * n, (void **)&kfp, 0)))
+    if (!(status_obj = new_bytearray(n, (void **)&status)) ||
+        !(ph_obj = new_bytearray(8 * n, (void **)&phash)) ||
+        !(kf_obj = new_bytearray(8 * n, (void **)&kfp)))
         goto done;
     for (int f = 0; f < NFIELDS; f++) {
         column *c = &cols[f];
@@ -719,7 +765,7 @@ static PyObject *avrocol_decode(PyObject *self, PyObject *args) {
             PyObject *item;
             PyObject *valid = c->valid_obj ? c->valid_obj : Py_None;
             if (c->kind == K_STR || c->kind == K_OPT_STR) {
-                PyObject *data = growbuf_to_bytes(&c->data);
+                PyObject *data = growbuf_export(&c->data);
                 item = data ? Py_BuildValue("(OOO)", c->offsets_obj, data, valid) : NULL;
                 Py_XDECREF(data);
             } else {
@@ -731,8 +777,8 @@ static PyObject *avrocol_decode(PyObject *self, PyObject *args) {
             }
             PyTuple_SET_ITEM(colt, f, item);
         }
-        PyObject *ko = growbuf_to_bytes(&mc.koff), *kd = growbuf_to_bytes(&mc.kdata);
-        PyObject *vo = growbuf_to_bytes(&mc.voff), *vd = growbuf_to_bytes(&mc.vdata);
+        PyObject *ko = growbuf_export(&mc.koff), *kd = growbuf_export(&mc.kdata);
+        PyObject *vo = growbuf_export(&mc.voff), *vd = growbuf_export(&mc.vdata);
         PyObject *mapt = NULL;
         if (ko && kd && vo && vd)
             mapt = Py_BuildValue("(OOOOOL)", mc.offsets_obj, ko, kd, vo, vd,
@@ -825,7 +871,7 @@ short_buf:
 }
 
 PyDoc_STRVAR(key_fps_doc,
-"key_fingerprints(n, carriers, event_ids, hash_key) -> bytes\n\n"
+"key_fingerprints(n, carriers, event_ids, hash_key) -> bytearray\n\n"
 "carriers and event_ids are (validity or None, offsets, data or None, offset) of Arrow\n"
 "utf8 arrays of length n. Returns n uint64 (native order): SipHash-2-4 of\n"
 "carrier + b'\\x1f' + event_id, 0 where either is null.");
@@ -854,7 +900,7 @@ static PyObject *avrocol_key_fingerprints(PyObject *self, PyObject *args) {
         return NULL;
     }
     uint64_t *out;
-    PyObject *res = new_bytes(8 * n, (void **)&out, 0);
+    PyObject *res = new_bytearray(8 * n, (void **)&out);
     if (res) {
         Py_BEGIN_ALLOW_THREADS
         const int32_t *co32 = (const int32_t *)c.offsets.buf;

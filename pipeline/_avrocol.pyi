@@ -1,10 +1,14 @@
 """Types of the compiled decoder (pipeline/_avrocol.c); used through pipeline.serde_columnar."""
 
 from collections.abc import Sequence
+from typing import Any
 
-# strings: (offsets, data, validity or None); longs: (values, validity or None)
-_Column = tuple[bytes | None, ...]
-_MapColumns = tuple[bytes, bytes, bytes, bytes, bytes, int]
+# (address, size, owner): memory filled by the C side, freed with owner
+_Foreign = tuple[int, int, object]
+# strings: (offsets: bytes, data: _Foreign, validity: bytes | None);
+# longs: (values: bytes, validity: bytes | None)
+_Column = tuple[Any, ...]
+_MapColumns = tuple[bytes, _Foreign, _Foreign, _Foreign, _Foreign, int]
 _StringBuffers = tuple[object, ...]
 
 def decode(
@@ -12,8 +16,8 @@ def decode(
     fingerprint: bytes,
     confluent_ids: Sequence[int],
     hash_key: bytes,
-) -> tuple[bytes, bytes, bytes, tuple[_Column, ...], _MapColumns]: ...
+) -> tuple[bytearray, bytearray, bytearray, tuple[_Column, ...], _MapColumns]: ...
 def key_fingerprints(
     n: int, carriers: _StringBuffers, event_ids: _StringBuffers, hash_key: bytes
-) -> bytes: ...
+) -> bytearray: ...
 def siphash24(hash_key: bytes, data: bytes) -> int: ...

@@ -22,6 +22,8 @@ Payload hash, definition version 2 (``PAYLOAD_HASH_VERSION``): keyed SipHash-2-4
 16-byte ``hash_key``) of the Avro body bytes (after the framing header), as a signed
 int64 (two's complement of the 64-bit value). The same content written with the v1
 schema gives the same hash in both framings; map entry order is part of the content.
+Rows the scalar path decodes get theirs from ``ColumnarDecoder.scalar_hashes`` (the hash
+of the record's v1 body as the codec writes it).
 
 Key fingerprint: keyed SipHash-2-4 (same key) of ``utf8(reporting_carrier) + b"\\x1f" +
 utf8(event_id)``, as uint64; ``key_fingerprints`` computes the same from Arrow columns.
@@ -31,12 +33,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from pipeline import _avrocol
 from pipeline.serde import V1_LAYOUT, AvroCodec, writer_layout
+
+try:
+    from pipeline import _avrocol
+except ImportError as exc:  # a checkout used without installing: say how to build it
+    raise ImportError(
+        "pipeline._avrocol (the compiled decoder, pipeline/_avrocol.c) is not built: run "
+        "`make setup`, or `pip install -e .` (needs a C compiler)"
+    ) from exc
 
 OK, FALLBACK = 0, 1
 PAYLOAD_HASH_VERSION = 2
@@ -73,7 +83,8 @@ class DecodedBatch:
 
     ``table``: the 22 v1 fields (``SCHEMA``); ``status``: uint8, ``OK`` or ``FALLBACK``;
     ``payload_hash``: int64 (0 for FALLBACK rows); ``key_fp``: uint64 fingerprint of the
-    dedup key (0 for FALLBACK rows).
+    dedup key (0 for FALLBACK rows). The numpy arrays are writable (e.g. to fill in the
+    FALLBACK rows once the scalar path has decoded them).
     """
 
     table: pa.Table
@@ -94,6 +105,7 @@ class ColumnarDecoder:
                 f"ColumnarDecoder: the codec writes usage_event {codec.write_version}, whose "
                 "layout is not v1's; only the v1 layout is compiled"
             )
+        self._codec = codec
         self._fingerprint = codec.fingerprint
         self._key = _check_key(hash_key)
         self._confluent_ids: tuple[int, ...] = ()
@@ -118,7 +130,7 @@ class ColumnarDecoder:
                 offsets, data, valid = col
                 arrays.append(
                     pa.Array.from_buffers(
-                        pa.string(), n, [_buf(valid), pa.py_buffer(offsets), pa.py_buffer(data)]
+                        pa.string(), n, [_buf(valid), pa.py_buffer(offsets), _foreign(data)]
                     )
                 )
             else:
@@ -128,10 +140,10 @@ class ColumnarDecoder:
                 )
         moffsets, koffsets, kdata, voffsets, vdata, entries = mapcols
         keys = pa.Array.from_buffers(
-            pa.string(), entries, [None, pa.py_buffer(koffsets), pa.py_buffer(kdata)]
+            pa.string(), entries, [None, _foreign(koffsets), _foreign(kdata)]
         )
         items = pa.Array.from_buffers(
-            pa.string(), entries, [None, pa.py_buffer(voffsets), pa.py_buffer(vdata)]
+            pa.string(), entries, [None, _foreign(voffsets), _foreign(vdata)]
         )
         offsets = pa.Array.from_buffers(pa.int32(), n + 1, [None, pa.py_buffer(moffsets)])
         arrays.append(pa.MapArray.from_arrays(offsets, keys, items, type=SCHEMA[-1].type))
@@ -142,9 +154,26 @@ class ColumnarDecoder:
             key_fp=np.frombuffer(kfp, dtype=np.uint64),
         )
 
+    def scalar_hashes(self, record: dict[str, Any]) -> tuple[int, int]:
+        """``(payload_hash, key_fp)`` of a record the scalar path decoded (a FALLBACK row
+        that ``AvroCodec.decode`` accepted), by the same definitions as the fast path: the
+        payload hash of the record's v1 body as the codec writes it, so an event sent with
+        another schema version or framing hashes like the same content sent as v1.
+        Raises ``ValueError`` for a record that does not fit the v1 schema."""
+        phash = _avrocol.siphash24(self._key, self._codec.encode_body(record))
+        key = f"{record['reporting_carrier']}\x1f{record['event_id']}".encode()
+        return phash - (1 << 64 if phash >> 63 else 0), _avrocol.siphash24(self._key, key)
+
 
 def _buf(data: bytes | None) -> pa.Buffer | None:
     return None if data is None else pa.py_buffer(data)
+
+
+def _foreign(spec: tuple[int, int, object]) -> pa.Buffer:
+    """An Arrow buffer over memory the C side filled: (address, size, owner), no copy;
+    ``owner`` frees it when the buffer goes."""
+    address, size, owner = spec
+    return pa.foreign_buffer(address, size, base=owner) if size else pa.py_buffer(b"")
 
 
 def _string_buffers(array: pa.Array | pa.ChunkedArray, name: str) -> tuple[object, ...]:

@@ -30,7 +30,7 @@ from pipeline.serde_columnar import (
     DecodedBatch,
     key_fingerprints,
 )
-from pipeline.simulate import Simulation
+from pipeline.simulate import Simulation, _varint
 from tests.integration.faults import hostile
 from tests.unit.test_schema_evolution import _record, _v2_schema
 
@@ -119,6 +119,8 @@ def check_against_fastavro(
     assert batch.table.schema == SCHEMA
     assert batch.table.num_rows == len(values)
     assert batch.status.dtype == np.uint8 and set(batch.status) <= {OK, FALLBACK}
+    assert batch.payload_hash.dtype == np.int64 and batch.key_fp.dtype == np.uint64
+    assert batch.status.flags.writeable and batch.key_fp.flags.writeable
     table_rows = batch.table.to_pylist()
     fps = key_fingerprints(batch.table["reporting_carrier"], batch.table["event_id"], KEY)
     for i, value in enumerate(values):
@@ -245,6 +247,21 @@ def test_a_v2_event_falls_back_and_the_scalar_path_reads_it() -> None:
         ColumnarDecoder(producer, KEY)  # it writes v2: not the compiled layout
 
 
+def test_scalar_rows_hash_like_the_fast_path() -> None:
+    values = [CODEC.encode(hostile.valid_record(i, NOW)) for i in range(20)]
+    batch = check_against_fastavro(values)
+    for i, value in enumerate(values):
+        expected = (int(batch.payload_hash[i]), int(batch.key_fp[i]))
+        assert DECODER.scalar_hashes(CODEC.decode(value)) == expected
+    # the same content from a v2 producer: the v1 reader's record hashes as the v1 event
+    worker = AvroCodec(extra_schemas={"v2": _v2_schema()}, write_version="v1")
+    producer = AvroCodec(extra_schemas={"v2": _v2_schema()}, write_version="v2")
+    v1_event = ColumnarDecoder(worker, KEY).decode([CODEC.encode(_record())])
+    from_v2 = worker.decode(producer.encode(_record(tool_calls=3)))
+    scalar = ColumnarDecoder(worker, KEY).scalar_hashes(from_v2)
+    assert scalar == (int(v1_event.payload_hash[0]), int(v1_event.key_fp[0]))
+
+
 def test_values_that_are_not_bytes_fall_back() -> None:
     batch = DECODER.decode([None, CODEC.encode(_record()), bytearray(b"x")])  # type: ignore[list-item]
     assert list(batch.status) == [FALLBACK, OK, FALLBACK]
@@ -262,13 +279,8 @@ def test_a_hash_key_must_be_16_bytes() -> None:
 
 
 def _long_bytes(n: int) -> bytes:
-    z = ((n << 1) ^ (n >> 63)) & M64
-    out = bytearray()
-    while z > 0x7F:
-        out.append((z & 0x7F) | 0x80)
-        z >>= 7
-    out.append(z)
-    return bytes(out)
+    """An Avro long (zig-zag varint), also for values fastavro would not write."""
+    return _varint(((n << 1) ^ (n >> 63)) & M64)
 
 
 def _str(text: str) -> bytes:
