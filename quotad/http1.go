@@ -58,7 +58,7 @@ type request struct {
 	// the headers anything here reads (lower-case names); the others are skipped
 	contentLength, transferEncoding, expect, connection string
 	forwarded, accept, contentType, acceptEncoding      string
-	lengths                                             int // Content-Length headers that differ
+	lengths                                             int // different Content-Length values seen
 }
 
 // keptHeaders: the headers a request keeps (lower-case names), and where.
@@ -157,7 +157,7 @@ func (srv *Server) serve(ln net.Listener) {
 // turnAway answers a connection past the cap 503 and closes it; past twice the cap
 // (the 503s themselves wait for slow clients, a second at most) it only closes it.
 func (srv *Server) turnAway(conn net.Conn) {
-	if now := time.Now().Unix(); srv.warned.Swap(now) < now-60 {
+	if now, last := time.Now().Unix(), srv.warned.Load(); now-last >= 60 && srv.warned.CompareAndSwap(last, now) {
 		log.Printf("%d connections open, the limit (TOKENMETER_QUOTA_SERVER_MAX_CONNECTIONS): new ones are answered 503", srv.limits.maxConns)
 	}
 	if srv.turning.Add(1) > srv.limits.maxConns {

@@ -177,6 +177,7 @@ func TestAmountsAreBoundedBeforeArithmetic(t *testing.T) {
 		`"1e-7"`:                                   "token_units: at most 6 decimal places",
 		`"1e+-5"`:                                  "token_units: must be a number, got '1e+-5'",
 		`"12abc"`:                                  "token_units: must be a number, got '12abc'",
+		`"1e` + strings.Repeat("0", 100000) + `5x"`: "token_units: must be a number, got '1e000",
 	} {
 		err := within(t, 5*time.Second, raw[:min(len(raw), 30)], func() error {
 			_, err := toTU([]byte(raw), "token_units")
@@ -184,6 +185,8 @@ func TestAmountsAreBoundedBeforeArithmetic(t *testing.T) {
 		})
 		if err == nil || !strings.Contains(err.Error(), words) || err.(*QuotaError).status() != 400 {
 			t.Errorf("toTU(%.40s) = %v, want a 400 with %q", raw, err, words)
+		} else if len(err.Error()) > 160 {
+			t.Errorf("toTU(%.40s): an answer of %d bytes", raw, len(err.Error()))
 		}
 	}
 	for raw, want := range map[string]string{

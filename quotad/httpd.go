@@ -233,7 +233,10 @@ const (
 // longer or has a larger exponent than the bounds above; other malformed text is left
 // to the decimal parser.
 func checkAmountText(text, name string) error {
-	mantissa, exponent, scientific := strings.Cut(strings.ToLower(text), "e")
+	mantissa, exponent, scientific := text, "", false
+	if i := strings.IndexAny(text, "eE"); i >= 0 {
+		mantissa, exponent, scientific = text[:i], text[i+1:], true
+	}
 	if len(strings.TrimLeft(mantissa, "+-")) > maxAmountChars {
 		return badRequest("%s: too long a number (at most %d digits)", name, maxAmountChars)
 	}
@@ -271,6 +274,9 @@ func toTU(raw json.RawMessage, name string) (decimal.Decimal, error) {
 	}
 	amount, err := decimal.NewFromString(text)
 	if err != nil {
+		if len(text) > 2*maxAmountChars { // what the answer echoes stays short
+			text = text[:2*maxAmountChars] + "..."
+		}
 		return zero, badRequest("%s: must be a number, got %s", name, pyRepr(text))
 	}
 	if amount.Sign() < 0 {
