@@ -24,6 +24,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -259,18 +260,22 @@ func (srv *Server) serveConn(conn net.Conn) {
 	}
 }
 
-// readBody reads length bytes of body, in memory that grows as they arrive (a client
-// that announces 1 MiB and sends nothing holds 64 KiB, not the MiB).
+// readBody reads length bytes of body into memory that grows as they arrive, doubling
+// from 16 KiB (a client that announces 1 MiB and sends a few bytes holds 16 KiB, not
+// the MiB).
 func readBody(r *bufio.Reader, length int) ([]byte, error) {
-	if length <= 64<<10 {
-		body := make([]byte, length)
-		_, err := io.ReadFull(r, body)
-		return body, err
+	body := make([]byte, 0, min(length, 16<<10))
+	for len(body) < length {
+		if len(body) == cap(body) {
+			body = slices.Grow(body, min(cap(body), length-len(body)))
+		}
+		n, err := r.Read(body[len(body):min(cap(body), length)])
+		body = body[:len(body)+n]
+		if err != nil && len(body) < length {
+			return nil, err
+		}
 	}
-	var body bytes.Buffer
-	body.Grow(64 << 10)
-	_, err := io.CopyN(&body, r, int64(length))
-	return body.Bytes(), err
+	return body, nil
 }
 
 // lingerClose closes a connection so that the client reads the last answer: the

@@ -274,3 +274,36 @@ func TestLimitsDefaultWhenUnset(t *testing.T) {
 		t.Fatalf("limitsOf = %+v, want %+v", got, want)
 	}
 }
+
+func TestBodiesArriveWholeInAnyPieces(t *testing.T) {
+	for _, length := range []int{1, 16 << 10, 16<<10 + 1, 100_000, maxBody} {
+		want := make([]byte, length)
+		for i := range want {
+			want[i] = byte(i * 7)
+		}
+		client, server := net.Pipe()
+		go func() {
+			for rest := want; len(rest) > 0; {
+				n := min(len(rest), 1+len(rest)%7919) // uneven pieces
+				_, _ = client.Write(rest[:n])
+				rest = rest[n:]
+			}
+			_, _ = client.Write([]byte("next request"))
+			_ = client.Close()
+		}()
+		r := bufio.NewReaderSize(server, maxHead+1)
+		got, err := readBody(r, length)
+		if err != nil || string(got) != string(want) {
+			t.Fatalf("readBody(%d): %d bytes, %v", length, len(got), err)
+		}
+		if rest, _ := io.ReadAll(r); string(rest) != "next request" {
+			t.Fatalf("readBody(%d) took more than its body: %q follows", length, rest)
+		}
+	}
+	// a body cut short is an error, not a short body
+	client, server := net.Pipe()
+	go func() { _, _ = client.Write([]byte("12345")); _ = client.Close() }()
+	if got, err := readBody(bufio.NewReader(server), 10); err == nil {
+		t.Fatalf("readBody of 5 bytes out of 10 = %q", got)
+	}
+}
