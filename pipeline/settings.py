@@ -79,6 +79,13 @@ class Settings(BaseSettings):
     # 1-99: run the quota server under the real-time policy SCHED_FIFO at this priority
     # (ahead of every normal process; needs privileges); 0: the normal policy
     quota_server_rtprio: int = Field(default=0, ge=0, le=99)
+    # what a client of the web port may take (docs/quotas.md, "Limits"): a request head
+    # within header_timeout_s and its body within body_timeout_s (else 408), a kept-alive
+    # connection idle up to idle_timeout_s; past max_connections open, new ones get 503
+    quota_server_header_timeout_s: float = Field(default=10.0, gt=0, le=3600)
+    quota_server_body_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    quota_server_idle_timeout_s: float = Field(default=60.0, gt=0, le=86_400)
+    quota_server_max_connections: int = Field(default=1024, ge=1, le=1_000_000)
 
     # security
     pseudonym_key: SecretStr | None = None

@@ -5,6 +5,14 @@ package main
 // 411. Each connection has one goroutine that reads a request, answers it with one
 // write and reads the next. It does what the quota calls need and no more, at about
 // half the CPU per call of net/http's server (figures in docs/quotas.md).
+//
+// What a client may take (limits, from TOKENMETER_QUOTA_SERVER_*): a request head must
+// arrive within the header timeout and its body within the body timeout (else 408 and
+// the connection is closed); a kept-alive connection may wait for its next request for
+// the idle timeout (then it is closed without a word); at most maxConns connections are
+// served at once, the ones past that are answered 503 and closed. Only origin-form
+// targets ("/path?query") are taken (else 400), and one Content-Length (two different
+// ones: 400; a body that could be read two ways could smuggle a request).
 
 import (
 	"bufio"
@@ -15,6 +23,8 @@ import (
 	"log"
 	"net"
 	"net/http"
+	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -22,12 +32,34 @@ import (
 
 const maxHead = 16 << 10
 
+// limits: how long a client may take, and how many connections are served at once.
+type limits struct {
+	header, body, idle time.Duration
+	maxConns           int64
+}
+
+// limitsOf: the limits the worker set (TOKENMETER_QUOTA_SERVER_*), defaults for zeros.
+func limitsOf(cfg config) limits {
+	or := func(seconds, fallback float64) time.Duration {
+		if seconds <= 0 {
+			seconds = fallback
+		}
+		return time.Duration(seconds * float64(time.Second))
+	}
+	l := limits{or(cfg.HeaderTimeoutS, 10), or(cfg.BodyTimeoutS, 30), or(cfg.IdleTimeoutS, 60), int64(cfg.MaxConnections)}
+	if l.maxConns <= 0 {
+		l.maxConns = 1024
+	}
+	return l
+}
+
 type request struct {
 	method, target, path, query string
 	body                        []byte
 	// the headers anything here reads (lower-case names); the others are skipped
 	contentLength, transferEncoding, expect, connection string
 	forwarded, accept, contentType, acceptEncoding      string
+	lengths                                             int // different Content-Length values seen
 }
 
 // keptHeaders: the headers a request keeps (lower-case names), and where.
@@ -53,7 +85,11 @@ func (r *request) keep(line []byte) {
 	}
 	for _, h := range keptHeaders {
 		if len(h.name) == colon && strings.EqualFold(string(line[:colon]), h.name) {
-			*h.field(r) = string(bytes.TrimSpace(line[colon+1:]))
+			value, field := string(bytes.TrimSpace(line[colon+1:])), h.field(r)
+			if field == &r.contentLength && (r.lengths == 0 || value != *field) {
+				r.lengths++
+			}
+			*field = value
 			return
 		}
 	}
@@ -107,21 +143,63 @@ func (srv *Server) serve(ln net.Listener) {
 			time.Sleep(50 * time.Millisecond)
 			continue
 		}
-		go srv.serveConn(conn)
+		if srv.open.Add(1) > srv.limits.maxConns {
+			srv.open.Add(-1)
+			srv.turnAway(conn)
+			continue
+		}
+		go func() {
+			defer srv.open.Add(-1)
+			srv.serveConn(conn)
+		}()
 	}
 }
 
+// turnAway answers a connection past the cap 503 and closes it; past twice the cap
+// (the 503s themselves wait for slow clients, a second at most) it only closes it.
+func (srv *Server) turnAway(conn net.Conn) {
+	if now, last := time.Now().Unix(), srv.warned.Load(); now-last >= 60 && srv.warned.CompareAndSwap(last, now) {
+		log.Printf("%d connections open, the limit (TOKENMETER_QUOTA_SERVER_MAX_CONNECTIONS): new ones are answered 503", srv.limits.maxConns)
+	}
+	if srv.turning.Add(1) > srv.limits.maxConns {
+		srv.turning.Add(-1)
+		_ = conn.Close()
+		return
+	}
+	go func() {
+		defer srv.turning.Add(-1)
+		r := errorReply(503, "too many connections to the quota server; retry")
+		r.headers = [][2]string{{"Retry-After", "1"}}
+		srv.send(conn, new([]byte), r, false)
+		lingerClose(conn)
+	}()
+}
+
+// timedOut: whether a read failed on its deadline (a limit), not on the client leaving.
+func timedOut(err error) bool { return errors.Is(err, os.ErrDeadlineExceeded) }
+
 func (srv *Server) serveConn(conn net.Conn) {
 	defer lingerClose(conn)
+	lim := srv.limits
 	r := bufio.NewReaderSize(conn, maxHead+1)
 	out := make([]byte, 0, 1024)
-	for {
+	for first := true; ; first = false {
+		if !first { // kept alive: the next request may take up to the idle timeout to begin
+			_ = conn.SetReadDeadline(time.Now().Add(lim.idle))
+			if _, err := r.Peek(1); err != nil {
+				return
+			}
+		}
+		_ = conn.SetReadDeadline(time.Now().Add(lim.header))
 		req, version, err := readHead(r)
 		if err != nil {
-			if errors.Is(err, errHeadTooLarge) {
+			switch {
+			case errors.Is(err, errHeadTooLarge):
 				srv.send(conn, &out, errorReply(431, "request head too large"), false)
-			} else if errors.Is(err, errBadRequestLine) {
+			case errors.Is(err, errBadRequestLine):
 				srv.send(conn, &out, errorReply(400, "malformed request line"), false)
+			case timedOut(err):
+				srv.send(conn, &out, errorReply(408, fmt.Sprintf("request head not received within %s", lim.header)), false)
 			}
 			return
 		}
@@ -129,8 +207,16 @@ func (srv *Server) serveConn(conn net.Conn) {
 			srv.send(conn, &out, errorReply(505, "malformed request line"), false)
 			return
 		}
+		if !originForm(req.target) {
+			srv.send(conn, &out, errorReply(400, errBadTarget.Error()), false)
+			return
+		}
 		if req.transferEncoding != "" {
 			srv.send(conn, &out, errorReply(411, "send the body with Content-Length"), false)
+			return
+		}
+		if req.lengths > 1 {
+			srv.send(conn, &out, errorReply(400, "more than one Content-Length"), false)
 			return
 		}
 		length := 0
@@ -147,13 +233,18 @@ func (srv *Server) serveConn(conn net.Conn) {
 			return
 		}
 		if length > 0 {
-			if r.Buffered() < length && strings.EqualFold(req.expect, "100-continue") {
-				if _, err := conn.Write([]byte("HTTP/1.1 100 Continue\r\n\r\n")); err != nil {
-					return
+			if r.Buffered() < length {
+				if strings.EqualFold(req.expect, "100-continue") {
+					if !srv.write(conn, []byte("HTTP/1.1 100 Continue\r\n\r\n")) {
+						return
+					}
 				}
+				_ = conn.SetReadDeadline(time.Now().Add(lim.body))
 			}
-			req.body = make([]byte, length)
-			if _, err := io.ReadFull(r, req.body); err != nil {
+			if req.body, err = readBody(r, length); err != nil {
+				if timedOut(err) {
+					srv.send(conn, &out, errorReply(408, fmt.Sprintf("request body not received within %s", lim.body)), false)
+				}
 				return
 			}
 		}
@@ -167,6 +258,24 @@ func (srv *Server) serveConn(conn net.Conn) {
 			return
 		}
 	}
+}
+
+// readBody reads length bytes of body into memory that grows as they arrive, doubling
+// from 16 KiB (a client that announces 1 MiB and sends a few bytes holds 16 KiB, not
+// the MiB).
+func readBody(r *bufio.Reader, length int) ([]byte, error) {
+	body := make([]byte, 0, min(length, 16<<10))
+	for len(body) < length {
+		if len(body) == cap(body) {
+			body = slices.Grow(body, min(cap(body), length-len(body)))
+		}
+		n, err := r.Read(body[len(body):min(cap(body), length)])
+		body = body[:len(body)+n]
+		if err != nil && len(body) < length {
+			return nil, err
+		}
+	}
+	return body, nil
 }
 
 // lingerClose closes a connection so that the client reads the last answer: the
@@ -214,6 +323,13 @@ func (srv *Server) send(conn net.Conn, buf *[]byte, r *reply, keep bool) bool {
 	b = append(b, "\r\n"...)
 	b = append(b, r.body...)
 	*buf = b
+	return srv.write(conn, b)
+}
+
+// write sends b, within the body timeout (a client that does not read its answers is
+// cut off like one that does not send its body); false when it did not all go out.
+func (srv *Server) write(conn net.Conn, b []byte) bool {
+	_ = conn.SetWriteDeadline(time.Now().Add(srv.limits.body))
 	_, err := conn.Write(b)
 	return err == nil
 }

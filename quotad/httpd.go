@@ -219,6 +219,38 @@ func isNull(raw json.RawMessage) bool { return raw == nil || string(raw) == "nul
 
 var micro = decimal.New(1, -6)
 
+// The bounds of an amount's text, checked before any arithmetic: a decimal is a big
+// integer and an exponent, and comparing or rescaling one means a power of ten as long
+// as the exponent, so "1e999999999" would be a billion digits (minutes and GBs, on the
+// lock every call waits for). No valid amount comes near: at most 19 digits and 6
+// decimals.
+const (
+	maxAmountChars    = 40 // digits and point, before any exponent
+	maxAmountExponent = 30 // |exponent| as written ("e-30" .. "e+30")
+)
+
+// checkAmountText refuses an amount's text (sign, digits, point, exponent) that is
+// longer or has a larger exponent than the bounds above; other malformed text is left
+// to the decimal parser.
+func checkAmountText(text, name string) error {
+	mantissa, exponent, scientific := text, "", false
+	if i := strings.IndexAny(text, "eE"); i >= 0 {
+		mantissa, exponent, scientific = text[:i], text[i+1:], true
+	}
+	if len(strings.TrimLeft(mantissa, "+-")) > maxAmountChars {
+		return badRequest("%s: too long a number (at most %d digits)", name, maxAmountChars)
+	}
+	if scientific {
+		digits := strings.TrimLeft(strings.TrimLeft(exponent, "+-"), "0")
+		if digits != "" && strings.Trim(digits, "0123456789") == "" {
+			if n, err := strconv.Atoi(digits); err != nil || n > maxAmountExponent {
+				return badRequest("%s: the exponent must be within -%d..%d", name, maxAmountExponent, maxAmountExponent)
+			}
+		}
+	}
+	return nil
+}
+
 // toTU: a TU amount from JSON (number or decimal string), exact to 6 decimals.
 func toTU(raw json.RawMessage, name string) (decimal.Decimal, error) {
 	var text string
@@ -237,8 +269,14 @@ func toTU(raw json.RawMessage, name string) (decimal.Decimal, error) {
 	default:
 		return zero, badRequest("%s: must be a number", name)
 	}
+	if err := checkAmountText(text, name); err != nil {
+		return zero, err
+	}
 	amount, err := decimal.NewFromString(text)
 	if err != nil {
+		if len(text) > 2*maxAmountChars { // what the answer echoes stays short
+			text = text[:2*maxAmountChars] + "..."
+		}
 		return zero, badRequest("%s: must be a number, got %s", name, pyRepr(text))
 	}
 	if amount.Sign() < 0 {
@@ -253,7 +291,7 @@ func toTU(raw json.RawMessage, name string) (decimal.Decimal, error) {
 	if amount.Exponent() < -6 && !amount.Mod(micro).IsZero() {
 		return zero, badRequest("%s: at most 6 decimal places", name)
 	}
-	return norm(amount), nil
+	return norm(amount.Truncate(6)), nil // exact (checked above): "1.0000000" as 1.000000
 }
 
 func optionalString(raw json.RawMessage, name string) (*string, error) {
@@ -305,14 +343,93 @@ func appendOptional(b []byte, s *string) []byte {
 	return jsonString(b, *s)
 }
 
+// ---- reading a call's arguments (before the lock) -----------------------------------
+
+// args: what a call's query and body ask for, read and checked. This happens before the
+// lock is taken: its cost is the client's to choose (within the bounds toTU sets), and
+// every other call waits while the lock is held.
+type args struct {
+	subscriber string // status: ?subscriber_id=; reserve: "subscriber_id"
+	amount     decimal.Decimal
+	ttl        float64
+	eventID    *string
+}
+
+func parseArgs(c *call, query string, raw []byte) (*args, error) {
+	a := &args{}
+	switch c.name {
+	case "status":
+		if query != "" {
+			if q, err := url.ParseQuery(query); err == nil {
+				a.subscriber = q.Get("subscriber_id")
+			}
+		}
+	case "reserve":
+		body, err := parseBody(raw, `{"token_units": n, "ttl_s": t}`)
+		if err != nil {
+			return nil, err
+		}
+		if body.TokenUnits == nil {
+			return nil, badRequest(`token_units: required ({"token_units": n, "ttl_s": t})`)
+		}
+		if a.amount, err = toTU(body.TokenUnits, "token_units"); err != nil {
+			return nil, err
+		}
+		a.ttl = defaultTTLS
+		if body.TTLS != nil {
+			first := body.TTLS[0]
+			if first != '-' && (first < '0' || first > '9') {
+				return nil, badRequest("ttl_s: must be a number of seconds")
+			}
+			if a.ttl, err = strconv.ParseFloat(string(body.TTLS), 64); err != nil {
+				return nil, badRequest("ttl_s: must be a number of seconds")
+			}
+		}
+		sub, err := optionalString(body.SubscriberID, "subscriber_id")
+		if err != nil {
+			return nil, err
+		}
+		if sub != nil {
+			a.subscriber = *sub
+		}
+	case "commit":
+		if c.tenant == "" {
+			return nil, notAReservation(c.reservationID)
+		}
+		body, err := parseBody(raw, `{"token_units": used}`)
+		if err != nil {
+			return nil, err
+		}
+		if body.TokenUnits == nil {
+			return nil, badRequest(`token_units: required ({"token_units": used})`)
+		}
+		if a.amount, err = toTU(body.TokenUnits, "token_units"); err != nil {
+			return nil, err
+		}
+		if a.eventID, err = optionalString(body.EventID, "event_id"); err != nil {
+			return nil, err
+		}
+	default: // release
+		if c.tenant == "" {
+			return nil, notAReservation(c.reservationID)
+		}
+	}
+	return a, nil
+}
+
 // ---- answering a call (the lock is held) ------------------------------------------------
 
-// handle answers a call; lines: what the call adds to the journal, to write before the
-// answer goes out (after the lock: the write is a system call, sometimes a slow one).
-func (srv *Server) handle(c *call, query string, raw []byte) (r *reply, lines []byte) {
-	started := time.Now()
+// handle answers a call whose arguments were read (or refused: bad) since started;
+// lines: what the call adds to the journal, to write before the answer goes out (after
+// the lock: the write is a system call, sometimes a slow one).
+func (srv *Server) handle(c *call, a *args, bad error, started time.Time) (r *reply, lines []byte) {
 	outcome := ""
-	r, err := srv.answer(c, query, raw, &outcome)
+	err := bad
+	if err == nil {
+		r, err = srv.answer(c, a, &outcome)
+	} else if c.name == "reserve" {
+		outcome = "error"
+	}
 	if err != nil {
 		r = refuse(err)
 	}
@@ -323,53 +440,18 @@ func (srv *Server) handle(c *call, query string, raw []byte) (r *reply, lines []
 	return r, lines
 }
 
-func (srv *Server) answer(c *call, query string, raw []byte, outcome *string) (*reply, error) {
+func (srv *Server) answer(c *call, a *args, outcome *string) (*reply, error) {
 	s := srv.service
 	switch c.name {
 	case "status":
-		sub := ""
-		if query != "" {
-			if q, err := url.ParseQuery(query); err == nil {
-				sub = q.Get("subscriber_id")
-			}
-		}
-		st, err := s.get(c.tenant, sub)
+		st, err := s.get(c.tenant, a.subscriber)
 		if err != nil {
 			return nil, err
 		}
 		return &reply{status: 200, body: jsonBytes(statusOf(st))}, nil
 	case "reserve":
 		*outcome = "error"
-		body, err := parseBody(raw, `{"token_units": n, "ttl_s": t}`)
-		if err != nil {
-			return nil, err
-		}
-		if body.TokenUnits == nil {
-			return nil, badRequest(`token_units: required ({"token_units": n, "ttl_s": t})`)
-		}
-		amount, err := toTU(body.TokenUnits, "token_units")
-		if err != nil {
-			return nil, err
-		}
-		ttl := defaultTTLS
-		if body.TTLS != nil {
-			first := body.TTLS[0]
-			if first != '-' && (first < '0' || first > '9') {
-				return nil, badRequest("ttl_s: must be a number of seconds")
-			}
-			if ttl, err = strconv.ParseFloat(string(body.TTLS), 64); err != nil {
-				return nil, badRequest("ttl_s: must be a number of seconds")
-			}
-		}
-		sub, err := optionalString(body.SubscriberID, "subscriber_id")
-		if err != nil {
-			return nil, err
-		}
-		subscriber := ""
-		if sub != nil {
-			subscriber = *sub
-		}
-		g, err := s.reserve(c.tenant, amount, ttl, subscriber)
+		g, err := s.reserve(c.tenant, a.amount, a.ttl, a.subscriber)
 		if err != nil {
 			return nil, err
 		}
@@ -387,33 +469,12 @@ func (srv *Server) answer(c *call, query string, raw []byte, outcome *string) (*
 		}
 		return &reply{status: status, body: grantBody(g)}, nil
 	case "commit":
-		if c.tenant == "" {
-			return nil, notAReservation(c.reservationID)
-		}
-		body, err := parseBody(raw, `{"token_units": used}`)
-		if err != nil {
-			return nil, err
-		}
-		if body.TokenUnits == nil {
-			return nil, badRequest(`token_units: required ({"token_units": used})`)
-		}
-		amount, err := toTU(body.TokenUnits, "token_units")
-		if err != nil {
-			return nil, err
-		}
-		eventID, err := optionalString(body.EventID, "event_id")
-		if err != nil {
-			return nil, err
-		}
-		st, err := s.commit(c.reservationID, amount, eventID)
+		st, err := s.commit(c.reservationID, a.amount, a.eventID)
 		if err != nil {
 			return nil, err
 		}
 		return &reply{status: 200, body: settlementBody(st)}, nil
 	default: // release
-		if c.tenant == "" {
-			return nil, notAReservation(c.reservationID)
-		}
 		st, err := s.release(c.reservationID)
 		if err != nil {
 			return nil, err
@@ -439,15 +500,20 @@ func (srv *Server) observe(name, outcome string, seconds float64) {
 
 // ---- HTTP -------------------------------------------------------------------------------
 
+// route: where requests are passed on, the worker's own pages or another worker; the
+// address to call is built from its scheme and host, never from a client's text.
 type route struct {
-	url  string
-	host string
-	port int
+	url      string // as the worker gave it (answered in X-Tokenmeter-Owner)
+	scheme   string
+	hostPort string
+	host     string
+	port     int
 }
 
 func newRoute(raw string) route {
 	r := route{url: raw}
-	if u, err := url.Parse(raw); err == nil {
+	if u, err := url.Parse(raw); err == nil && (u.Scheme == "http" || u.Scheme == "https") && u.Host != "" {
+		r.scheme, r.hostPort = u.Scheme, u.Host
 		r.host = u.Hostname()
 		r.port, _ = strconv.Atoi(u.Port())
 		if r.port == 0 {
@@ -455,6 +521,43 @@ func newRoute(raw string) route {
 		}
 	}
 	return r
+}
+
+var errBadTarget = errors.New("the request target must be a path: /... (origin-form)")
+
+// originForm: whether a request target is a path with an optional query ("/...?..."),
+// the only form this server takes: not an absolute URL ("http://host/..."), an
+// authority ("host:port", CONNECT's), "*", or anything else that is not a path
+// ("@host:port/...", which appended to "http://127.0.0.1:port" names another host).
+// Control characters, spaces and fragments are refused too.
+func originForm(target string) bool {
+	if target == "" || target[0] != '/' {
+		return false
+	}
+	for i := 0; i < len(target); i++ {
+		if b := target[i]; b <= ' ' || b == 0x7f || b == '#' {
+			return false
+		}
+	}
+	return true
+}
+
+// forwardURL: the address of target (an origin-form path and query) at dest: dest's
+// fixed scheme and host, the target's path and query. errBadTarget for a target that is
+// not a path.
+func forwardURL(dest route, target string) (*url.URL, error) {
+	if !originForm(target) {
+		return nil, errBadTarget
+	}
+	rawPath, query, _ := strings.Cut(target, "?")
+	path, err := url.PathUnescape(rawPath)
+	if err != nil {
+		return nil, errBadTarget
+	}
+	if dest.hostPort == "" {
+		return nil, fmt.Errorf("no address: %s", pyRepr(dest.url))
+	}
+	return &url.URL{Scheme: dest.scheme, Host: dest.hostPort, Path: path, RawPath: rawPath, RawQuery: query}, nil
 }
 
 // dispatch answers one request: a quota call here (or at the worker that owns its
@@ -465,15 +568,17 @@ func (srv *Server) dispatch(req *request) *reply {
 		return ready
 	}
 	if c == nil {
-		return srv.proxy(req, srv.faustBase, false, 300*time.Second)
+		return srv.proxy(req, srv.faust, false, 300*time.Second)
 	}
+	started := time.Now()
+	a, bad := parseArgs(c, req.query, req.body)
 	s := srv.service
 	s.mu.Lock()
-	if dest := srv.owner(c); dest != "" && req.forwarded == "" {
+	if dest, ok := srv.owner(c); ok && req.forwarded == "" {
 		s.mu.Unlock()
 		return srv.proxy(req, dest, true, 30*time.Second)
 	}
-	r, lines := srv.handle(c, req.query, req.body)
+	r, lines := srv.handle(c, a, bad, started)
 	s.mu.Unlock()
 	if len(lines) > 0 {
 		if err := s.journal.write(lines); err != nil {
@@ -484,26 +589,34 @@ func (srv *Server) dispatch(req *request) *reply {
 	return r
 }
 
-// owner: the URL of the worker that owns the call's tenant, when that is another one.
-func (srv *Server) owner(c *call) string {
+// owner: the route to the worker that owns the call's tenant, when that is another one.
+func (srv *Server) owner(c *call) (route, bool) {
 	s := srv.service
 	if c.tenant == "" || s.owns(c.tenant) {
-		return ""
+		return route{}, false
 	}
 	found, ok := srv.routes[s.partitionOf(c.tenant)]
 	if !ok || (found.host == srv.host && found.port == srv.port) {
-		return "" // no owner known yet, or us: answered here (503 until restored)
+		return route{}, false // no owner known yet, or us: answered here (503 until restored)
 	}
-	return found.url
+	return found, true
 }
 
 // proxy passes a request on: to the worker's own pages, or to the worker that owns the
 // tenant (toOwner: marked forwarded, so that one answers it itself).
-func (srv *Server) proxy(req *request, base string, toOwner bool, timeout time.Duration) *reply {
+func (srv *Server) proxy(req *request, dest route, toOwner bool, timeout time.Duration) *reply {
+	where, err := forwardURL(dest, req.target)
+	if errors.Is(err, errBadTarget) {
+		return errorReply(400, err.Error())
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
-	out, err := http.NewRequestWithContext(ctx, req.method, base+req.target, bytes.NewReader(req.body))
+	var out *http.Request
 	if err == nil {
+		out, err = http.NewRequestWithContext(ctx, req.method, where.String(), bytes.NewReader(req.body))
+	}
+	if err == nil {
+		out.URL, out.Host = where, where.Host // the URL as built, not as parsed again
 		if toOwner {
 			out.Header.Set(forwardedHeader, "1")
 		}
@@ -526,7 +639,7 @@ func (srv *Server) proxy(req *request, base string, toOwner bool, timeout time.D
 					}
 				}
 				if toOwner {
-					r.headers = append(r.headers, [2]string{ownerHeader, base})
+					r.headers = append(r.headers, [2]string{ownerHeader, dest.url})
 				}
 				return r
 			}
@@ -535,7 +648,7 @@ func (srv *Server) proxy(req *request, base string, toOwner bool, timeout time.D
 	}
 	what := "the worker's pages"
 	if toOwner {
-		what = "the owning worker " + base
+		what = "the owning worker " + dest.url
 	}
 	r := errorReply(503, fmt.Sprintf("%s cannot be reached yet (%s); retry", what, shortError(err)))
 	r.headers = [][2]string{{"Retry-After", "1"}}

@@ -36,6 +36,7 @@ import (
 	"runtime/pprof"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 	"unsafe"
@@ -53,6 +54,11 @@ type config struct {
 	RTPrio       int    `json:"rtprio"`
 	// the upper bounds (seconds) of the worker's histogram of call times
 	DurationBuckets []float64 `json:"duration_buckets"`
+	// what a client may take (TOKENMETER_QUOTA_SERVER_*; 0: the default, limits below)
+	HeaderTimeoutS float64 `json:"header_timeout_s"`
+	BodyTimeoutS   float64 `json:"body_timeout_s"`
+	IdleTimeoutS   float64 `json:"idle_timeout_s"`
+	MaxConnections int     `json:"max_connections"`
 }
 
 type Server struct {
@@ -60,12 +66,16 @@ type Server struct {
 	link      *Link
 	host      string
 	port      int
-	faustBase string
+	faust     route // the worker's own pages, on 127.0.0.1
 	routes    map[int]route
 	client    *http.Client
 	outcomes  map[string]int
 	durations map[string][]float64
 	buckets   []float64
+	limits    limits
+	open      atomic.Int64 // connections being served
+	turning   atomic.Int64 // connections being answered 503 (over the cap)
+	warned    atomic.Int64 // when the cap was last logged (unix seconds)
 }
 
 func main() {
@@ -121,20 +131,8 @@ func run(link *Link, faustPort int) int {
 			return 1
 		}
 	}
-	srv := &Server{
-		service:   newService(key, cfg.PendingTTLMS, journal),
-		link:      link,
-		host:      cfg.WebHost,
-		port:      cfg.WebPort,
-		faustBase: "http://127.0.0.1:" + strconv.Itoa(faustPort),
-		routes:    map[int]route{},
-		client: &http.Client{Transport: &http.Transport{
-			DisableCompression: true, MaxIdleConnsPerHost: 64, IdleConnTimeout: 90 * time.Second,
-		}, CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }},
-		outcomes:  map[string]int{},
-		durations: map[string][]float64{},
-		buckets:   cfg.DurationBuckets,
-	}
+	srv := newServer(cfg, key, journal, faustPort)
+	srv.link = link
 	address := net.JoinHostPort(cfg.WebHost, strconv.Itoa(cfg.WebPort))
 	listener, err := net.Listen("tcp", address)
 	if err != nil {
@@ -173,6 +171,24 @@ func run(link *Link, faustPort int) int {
 	srv.service.mu.Unlock()
 	log.Printf("stopped after %.0f s", time.Since(started).Seconds())
 	return code
+}
+
+// newServer: a server for cfg, not listening yet; its pages at 127.0.0.1:faustPort.
+func newServer(cfg config, key []byte, journal *Journal, faustPort int) *Server {
+	return &Server{
+		service: newService(key, cfg.PendingTTLMS, journal),
+		host:    cfg.WebHost,
+		port:    cfg.WebPort,
+		faust:   newRoute("http://127.0.0.1:" + strconv.Itoa(faustPort)),
+		routes:  map[int]route{},
+		client: &http.Client{Transport: &http.Transport{
+			DisableCompression: true, MaxIdleConnsPerHost: 64, IdleConnTimeout: 90 * time.Second,
+		}, CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }},
+		outcomes:  map[string]int{},
+		durations: map[string][]float64{},
+		buckets:   cfg.DurationBuckets,
+		limits:    limitsOf(cfg),
+	}
 }
 
 // follow applies the worker's messages until it closes the link (0), or stops the

@@ -6,7 +6,7 @@ big-endian length and a JSON array whose first element names it; amounts are exa
 decimal strings (``quotad/link.go`` reads and writes the other end).
 
 Worker -> server: ``("config", {...})`` first (listening address, journal path,
-pseudonym key, pending TTL, priority), then the changes of the worker's
+pseudonym key, pending TTL, priority, client limits), then the changes of the worker's
 ``QuotaService`` (``Replica`` in ``service.py``: usage of stored batches, restored
 usage, definitions, partitions) in the order it made them, ``("routes", {partition:
 url})`` (which worker owns which usage partition) and ``("ask", id, question)``.
@@ -144,6 +144,10 @@ def server_config(settings: Settings) -> dict[str, Any]:
         "nice": settings.quota_server_nice,
         "rtprio": settings.quota_server_rtprio,
         "duration_buckets": list(QUOTA_DURATION_BUCKETS),
+        "header_timeout_s": settings.quota_server_header_timeout_s,
+        "body_timeout_s": settings.quota_server_body_timeout_s,
+        "idle_timeout_s": settings.quota_server_idle_timeout_s,
+        "max_connections": settings.quota_server_max_connections,
     }
 
 

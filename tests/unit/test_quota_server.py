@@ -470,6 +470,194 @@ def test_other_paths_go_to_the_worker_and_calls_to_the_owner(tmp_path: Path) -> 
         http.close()
 
 
+def test_two_content_lengths_are_refused(tmp_path: Path) -> None:
+    """Two different lengths could let a body carry a second, smuggled request."""
+    with running(tmp_path) as r:
+        http = Http(r.port)
+        smuggled = b"GET /v1/quotas/tn-hard HTTP/1.1\r\nHost: t\r\n\r\n"
+        http.raw(
+            b"POST /v1/quotas/tn-hard/reservations HTTP/1.1\r\nHost: t\r\n"
+            b"Content-Length: %d\r\nContent-Length: 0\r\n\r\n" % len(smuggled) + smuggled
+        )
+        status, headers, raw = http.answer()
+        assert (status, headers["connection"]) == (400, "close")
+        assert json.loads(raw)["error"] == "more than one Content-Length"
+        assert http.closed()
+        http.close()
+
+
+class _Elsewhere(_Pages):
+    """Another host the quota server must never reach for a client."""
+
+    seen: list[tuple[str, str, bytes, str | None]] = []
+    do_PUT = do_DELETE = _Pages._any
+
+
+def test_only_paths_reach_the_workers_pages(tmp_path: Path) -> None:
+    """Issue 14, 1: appended to the pages' address, "@host:port/..." named another host,
+    any method and body. Only origin-form targets ("/...") are taken (400 for the rest),
+    and a path goes to the worker's pages whatever it looks like."""
+    pages = ThreadingHTTPServer(("127.0.0.1", 0), _Pages)
+    elsewhere = ThreadingHTTPServer(("127.0.0.1", 0), _Elsewhere)
+    for server in (pages, elsewhere):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    other = f"127.0.0.1:{elsewhere.server_address[1]}"
+    try:
+        with running(tmp_path, faust_port=pages.server_address[1]) as r:
+            for target in (f"@{other}/admin/delete", f"http://{other}/admin/delete", other,
+                           "*", f"/\x01@{other}/admin/delete"):  # fmt: skip
+                http = Http(r.port)
+                http.raw(
+                    f"PUT {target} HTTP/1.1\r\nContent-Length: 11\r\n"
+                    "Content-Type: application/json\r\nConnection: close\r\n\r\n"
+                    '{"evil":1}\n'.encode()
+                )
+                status, _, raw = http.answer()
+                assert status == 400, target
+                assert "origin-form" in json.loads(raw)["error"]
+                http.close()
+            http = Http(r.port)
+            path = f"//{other}/admin/delete?to=@{other}"
+            http.raw(f"POST {path} HTTP/1.1\r\nContent-Length: 2\r\n\r\n{{}}".encode())
+            assert http.answer()[0] == 200
+            # (Python's handler shows a leading "//" as "/")
+            assert _Pages.seen[-1] == ("POST", path[1:], b"{}", None)
+            http.close()
+    finally:
+        for server in (pages, elsewhere):
+            server.shutdown()
+            server.server_close()
+    assert _Elsewhere.seen == []
+
+
+def test_a_huge_number_is_refused_and_stalls_no_one(tmp_path: Path) -> None:
+    """Issue 14, 2: expanding 1e30000000 held the lock of every call for seconds
+    (1e999999999: minutes and GBs). Amounts are bounded as text, before any arithmetic
+    and outside the lock: 400 naming the field, and a call sent meanwhile goes through."""
+    bodies = {
+        b'{"token_units": 1e999999999}': "token_units: the exponent must be within -30..30",
+        b'{"token_units": 1e30000000, "ttl_s": 5}': "token_units: the exponent must be within",
+        b'{"token_units": "1e-10000000"}': "token_units: the exponent must be within",
+        b'{"token_units": 1' + b"0" * 500_000 + b"}": "token_units: too long a number",
+    }
+    with running(tmp_path) as r:
+        answers: dict[bytes, tuple[int, Any]] = {}
+
+        def send(body: bytes) -> None:
+            http = Http(r.port)
+            status, _, answer = http.call("POST", "/v1/quotas/tn-hard/reservations", body)
+            answers[body] = (status, answer)
+            http.close()
+
+        attackers = [threading.Thread(target=send, args=(body,)) for body in bodies]
+        for thread in attackers:
+            thread.start()
+        http = Http(r.port)
+        time.sleep(0.3)  # the numbers are in the server by now (expanding, unbounded)
+        started = time.monotonic()
+        status, _, grant = http.call(
+            "POST", "/v1/quotas/tn-hard/reservations", b'{"token_units": 5}'
+        )
+        took = time.monotonic() - started
+        assert (status, grant["granted"]) == (201, "5")
+        # a correctness bound (no stall of seconds), not a performance target
+        assert took < 1.0, took
+        for thread in attackers:
+            thread.join(10)
+        for body, words in bodies.items():
+            status, answer = answers[body]
+            assert status == 400 and words in answer["error"], (body[:40], answer)
+        # the bounds refuse nothing a valid amount can be
+        for amount, want in (("1e19", 400), ("0.000001e6", 201), ("1.0000000", 201)):
+            body = json.dumps({"token_units": amount}).encode()
+            status, _, answer = http.call("POST", "/v1/quotas/tn-soft/reservations", body)
+            assert status == want, (amount, answer)
+        http.close()
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    """What a client gets until the server closes the connection."""
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_slow_clients_are_cut_and_normal_calls_stay_fast(tmp_path: Path) -> None:
+    """Issue 14, 7: slow heads and bodies are answered 408 and closed after their
+    timeout, an idle kept-alive connection is closed, connections past the cap get 503
+    at once; meanwhile an ordinary client's calls go through as usual."""
+    limit = 3.0
+    with running(
+        tmp_path,
+        quota_server_header_timeout_s=limit,
+        quota_server_body_timeout_s=limit,
+        quota_server_idle_timeout_s=limit,
+        quota_server_max_connections=40,
+    ) as r:
+        started = time.monotonic()
+        slow: list[tuple[socket.socket, bytes]] = []
+        for n in range(35):
+            sock = socket.create_connection(("127.0.0.1", r.port), timeout=limit + 10)
+            if n < 30:  # a head that never ends
+                sock.sendall(b"POST /v1/quotas/tn-hard/reservations HTTP/1.1\r\nHost: t\r\n")
+                slow.append((sock, b"request head not received within 3s"))
+            else:  # a body of 1 MiB that never comes
+                sock.sendall(
+                    b"POST /v1/quotas/tn-hard/reservations HTTP/1.1\r\nHost: t\r\n"
+                    b'Content-Length: 1048576\r\n\r\n{"token_units": '
+                )
+                slow.append((sock, b"request body not received within 3s"))
+        http = Http(r.port)
+        times = []
+        for _ in range(20):
+            before = time.monotonic()
+            status, _, grant = http.call(
+                "POST", "/v1/quotas/tn-soft/reservations", b'{"token_units": 1}'
+            )
+            times.append(time.monotonic() - before)
+            assert status == 201
+        assert max(times) < 1.0, times  # not held up behind the slow clients
+        # 36 open; 4 more fill the cap, the next is turned away at once
+        fillers = [socket.create_connection(("127.0.0.1", r.port)) for _ in range(4)]
+        over = Http(r.port)
+        status, headers, body = over.call("GET", "/v1/quotas/tn-hard")
+        assert (status, headers["retry-after"]) == (503, "1")
+        assert "too many connections" in body["error"]
+        assert over.closed() and time.monotonic() - started < limit
+        over.close()
+        for sock, words in slow:
+            answer = _read_all(sock)
+            assert answer.startswith(b"HTTP/1.1 408 ") and words in answer, answer[:200]
+            sock.close()
+        # cut at the limit, not long after (the bound allows for a loaded machine)
+        assert limit - 0.5 < time.monotonic() - started < limit + 3
+        for sock in fillers:  # connected, and never a byte: cut too
+            assert _read_all(sock).startswith(b"HTTP/1.1 408 ")
+            sock.close()
+        # the ordinary client, idle past the limit, is closed without a word
+        assert http.closed()
+        http.close()
+        http = Http(r.port)
+        assert http.call("GET", "/v1/quotas/tn-hard")[0] == 200
+        http.close()
+
+
+def test_client_limits_name_their_settings() -> None:
+    from pipeline.settings import SettingsError, load_settings
+
+    for name in ("header_timeout_s", "body_timeout_s", "idle_timeout_s", "max_connections"):
+        with pytest.raises(SettingsError, match=f"TOKENMETER_QUOTA_SERVER_{name.upper()}"):
+            load_settings(**{f"quota_server_{name}": 0})
+    s = load_settings()
+    assert (
+        s.quota_server_header_timeout_s,
+        s.quota_server_body_timeout_s,
+        s.quota_server_idle_timeout_s,
+        s.quota_server_max_connections,
+    ) == (10.0, 30.0, 60.0, 1024)
+
+
 def test_the_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
