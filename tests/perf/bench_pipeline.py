@@ -1091,12 +1091,10 @@ def print_table(result: dict[str, Any]) -> None:
     table.add_column("unit", no_wrap=True)
     table.add_column("what", overflow="fold")
 
-    def fmt(v: Any) -> str:
+    def fmt(v: Any) -> str:  # the JSON's value, digit for digit, thousands separated
         if isinstance(v, bool) or v is None:
             return "-" if v is None else str(v)
-        if isinstance(v, float) and not v.is_integer():
-            return f"{v:,.3f}" if abs(v) < 10 else f"{v:,.1f}"
-        return f"{v:,.0f}" if isinstance(v, int | float) else str(v)
+        return f"{v:,}" if isinstance(v, int | float) else str(v)
 
     notes: dict[str, str] = {
         "pipeline_events_per_s": f"exact={p.get('exact')}" if p else "not run",
