@@ -34,10 +34,12 @@ test: setup
 unit: setup
 	$(BIN)/python -m pytest tests/unit -q
 
-## bench: end-to-end benchmark on its own broker: pipeline vs ceiling vs naive faust, latency
-##        (BENCH_EVENTS events, default 200000; JSON + logs in bench-results/, a table on stdout)
-##        BENCH_ARGS passes options on, e.g. the 10 % garbage mix:
-##        make bench BENCH_ARGS="--bad-rate 0.10 --skip ceiling naive latency"
+## bench: end-to-end benchmark on its own broker (tests/perf/bench_pipeline.py): the worker
+##        on a live-shaped backlog of BENCH_EVENTS events (default 200000) vs the same-run
+##        ceiling, a 10 % garbage mix, latency at 25,000 events/s offered, peak RSS and
+##        per-stage CPU; JSON + logs in bench-results/, a table on stdout
+##        (docs/performance.md). BENCH_ARGS passes options on, e.g. a 10-minute RSS soak:
+##        make bench BENCH_ARGS="--soak-s 600"; make bench BENCH_EVENTS=1000000
 BENCH_EVENTS ?= 200000
 BENCH_ARGS ?=
 bench: setup

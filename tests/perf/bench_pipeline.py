@@ -1,33 +1,48 @@
-"""End-to-end benchmark of the worker, with two references run on the same events.
+"""End-to-end benchmark of the worker (``make bench``), with references run on the same events.
 
     TOKENMETER_KAFKA_BOOTSTRAP=127.0.0.1:19092 \\
         .venv/bin/python tests/perf/bench_pipeline.py --events 200000 --out bench-results/b.json
 
-(``make bench`` starts a broker and runs this.) Steps, each on its own topics, consumer
-group, data directory and web port, so nothing is shared with other runs:
+(``make bench`` starts a broker and runs this.) Each step has its own topics (4
+partitions), consumer group, data directory (its own embedded ClickHouse) and web port,
+so nothing is shared with other runs; topics are deleted and every process it started is
+stopped at the end. Steps:
 
-1. pre-produce N simulated events (history mode, small duplicate and bad rates) with
-   confluent-kafka at full speed, keyed by tenant with the ``murmur2_random`` partitioner;
-   subscribers stay raw, the worker pseudonymises them;
-2. ceiling: ``tests/perf/ceiling.py``, a confluent-kafka batch consumer that decodes the
-   Avro and discards it;
-3. pipeline: ``python -m pipeline.cli worker`` started cold; every 0.5 s the group's
-   committed offsets (they move only after the sink's write) and the worker's RSS and
-   CPU time (children included) are sampled. Sustained events/s = events committed
-   between 10 % and 90 % of N over the time that took (interpolated);
-4. naive: ``tests/perf/naive_faust.py``, per-event faust with two table updates, measured
-   the same way on the same events;
-5. latency: a new topic set and a warm worker; a producer sends live traffic at 50 % of
-   the pipeline's sustained rate plus marker events (a dedicated tenant, a few per
-   second) stamped with their produce time; a poller asks the worker's ``/v1/query``
-   for ``sum(events)`` of that tenant per minute in ``usage_minute``. Markers of one
-   tenant share one partition and are processed in order, so when a minute's sum
-   reaches k, its first k markers are queryable: latency = time of the first answer
-   showing it - produce time (an upper bound; the poll interval is the resolution).
+1. backlog: N live-shaped events from ``Simulation`` (event times spread over the last
+   N / ``--backlog-rate`` seconds, as gateways send them; 1 % exact duplicates, 0.1 %
+   bad), generated first, then sent with confluent-kafka at full speed, keyed by tenant
+   with the ``murmur2_random`` partitioner; subscribers stay raw (the worker
+   pseudonymises them);
+2. ceiling (``tests/perf/ceiling.py``): batch consume (``consume(num_messages=10000)``)
+   + decode + discard, with the compiled columnar decoder if ``pipeline.serde_columnar``
+   imports, else fastavro per message;
+3. pipeline: ``python -m pipeline.cli worker`` started cold on the backlog; every 0.25 s
+   the group's committed offsets (they move only after the sink's write) and the
+   worker's RSS and CPU time (psutil, all threads) are sampled. Sustained events/s =
+   events committed from the first commit to the last over that time; CPU per event =
+   the worker process's CPU seconds over the same span / those events. Per-stage CPU
+   comes from the worker's ``GET /v1/status`` (``stage_cpu_us`` / ``consumed``) when it
+   reports it. The stored rows are then checked against the simulation's truth;
+4. garbage mix: the same on a second backlog with 10 % bad input (``--garbage-rate``);
+5. latency: a warm worker on new topics; a producer offers live traffic at
+   ``--latency-rate`` (default 25,000 events/s, pre-generated, event times = send
+   times) for ``--latency-seconds``, plus marker events of a dedicated tenant (a few a
+   second) stamped with their produce time; a poller asks the worker's ``/v1/query`` for
+   ``sum(events)`` of that tenant per minute in ``usage_minute``. Markers of one tenant
+   share one partition and are stored in order, so when a minute's sum reaches k, its
+   first k markers are queryable: latency = time of the first answer showing it -
+   produce time (an upper bound; the poll interval is the resolution). Markers not
+   visible ``--latency-drain-s`` after the traffic ends count as "slower than that":
+   a percentile they decide is reported as null, with a lower bound beside it;
+6. optional (``--soak-s S``): a worker under live traffic for S seconds, its RSS sampled
+   every 10 s, to show whether memory stays flat;
+7. optional (``--naive``): ``tests/perf/naive_faust.py``, per-event faust with two table
+   updates, on the same backlog.
 
-Writes JSON (``--out``) and prints a table. The headline is the ratio pipeline / ceiling
-and pipeline / naive, because absolute figures are noisy on shared machines; load
-averages at start and end are recorded for that reason. Not collected by pytest.
+Writes JSON (``--out``) whose top-level keys are the headline figures (``HEADLINE``),
+with each step's details beside them, and prints them as a table with the machine's
+cores and load averages (shared machines: read the figures with the load). Not
+collected by pytest.
 """
 
 from __future__ import annotations
@@ -35,6 +50,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -47,6 +63,7 @@ import time
 import urllib.request
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -69,12 +86,30 @@ from pipeline.topics import dead_letters, quota_events, usage_events  # noqa: E4
 from tests.integration.harness import free_port  # noqa: E402
 
 PARTITIONS = 4
-SAMPLE_S = 0.5
+SAMPLE_S = 0.25
+SOAK_SAMPLE_S = 10.0
 MARKER_TENANT = "tn-bench-latency"
 PYSPY = Path(sys.executable).with_name("py-spy")
 
-
+# the JSON's top-level figures, in the table's order: (key, unit, what it is)
+HEADLINE: tuple[tuple[str, str, str], ...] = (
+    ("events", "events", "backlog of the main run"),
+    ("pipeline_events_per_s", "events/s", "worker, first to last commit"),
+    ("pipeline_cpu_us_per_event", "us CPU", "worker process, all threads, same span"),
+    ("ceiling_events_per_s", "events/s", "batch consume + decode + discard"),
+    ("ceiling_ratio", "", "pipeline / ceiling"),
+    ("garbage_mix_events_per_s", "events/s", "worker on a backlog with 10 % bad"),
+    ("latency_p50_ms", "ms", "produce -> queryable in usage_minute"),
+    ("latency_p99_ms", "ms", "produce -> queryable in usage_minute"),
+    ("latency_rate_events_per_s", "events/s", "live rate offered during the latency run"),
+    ("peak_rss_mib", "MiB", "worker process, highest over the runs"),
+)
 # ---- small helpers ---------------------------------------------------------------------
+
+
+def num(v: Any) -> str:
+    """A figure for a progress line: thousands separated, '-' for none."""
+    return f"{v:,}" if isinstance(v, int | float) else "-"
 
 
 def say(msg: str) -> None:
@@ -146,6 +181,38 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[f] + (ordered[c] - ordered[f]) * (k - f)
 
 
+def span_rate(samples: list[tuple[float, int]], total: int) -> tuple[float | None, float, float]:
+    """Events/s from the first sample showing a commit to the first showing ``total``,
+    from (t, done) samples: (rate, t_first, t_last); rate is None when both are the
+    same sample (the whole backlog landed between two samples)."""
+    first = next(((t, n) for t, n in samples if n > 0), None)
+    last = next(((t, n) for t, n in samples if n >= total), None)
+    if first is None or last is None or last[0] <= first[0]:
+        return None, first[0] if first else 0.0, last[0] if last else 0.0
+    return (last[1] - first[1]) / (last[0] - first[0]), first[0], last[0]
+
+
+def censored_percentile(
+    seen: list[float], unseen_at_least: list[float], q: float
+) -> tuple[float | None, float | None]:
+    """Percentile ``q`` of latencies where some were never observed (``unseen_at_least``:
+    how long each had waited when we gave up). Returns (value, lower_bound): value is
+    None when an unobserved latency decides it; lower_bound counts the unobserved ones
+    at the time waited (what the percentile is at least)."""
+    if not seen and not unseen_at_least:
+        return None, None
+    bound = percentile(seen + unseen_at_least, q)
+    if not unseen_at_least:
+        return bound, bound
+    ordered = sorted(seen) + [math.inf] * len(unseen_at_least)
+    k = (len(ordered) - 1) * q
+    f = int(k)
+    c = f if k == f else min(f + 1, len(ordered) - 1)
+    if math.isinf(ordered[c]):
+        return None, bound
+    return ordered[f] + (ordered[c] - ordered[f]) * (k - f), bound
+
+
 # ---- topics, producing, progress -------------------------------------------------------
 
 
@@ -177,29 +244,63 @@ class TopicSet:
         ensure_topics(s, {t.name: t.config for t in specs}, partitions=PARTITIONS)
 
 
+Message = tuple[bytes, bytes]  # (key, value), already Avro-encoded
+
+
+def generate(
+    sim: Simulation, n: int, dup_rate: float, bad_rate: float
+) -> tuple[list[Message], float]:
+    """``n`` messages of ``sim`` as (key, value) pairs in memory, and the seconds it took:
+    generating is per-event Python, so it is done before the clock of a send starts."""
+    started = time.monotonic()
+    msgs = [(m.key, m.value) for m in sim.messages(n, dup_rate=dup_rate, bad_rate=bad_rate)]
+    return msgs, time.monotonic() - started
+
+
+def send(producer: Producer, topic: str, msgs: Iterator[Message], count: int) -> int:
+    """Hand up to ``count`` messages of ``msgs`` to the producer (waiting for room in
+    its queue); returns how many it took (fewer only when ``msgs`` ran out)."""
+    produce, poll = producer.produce, producer.poll
+    sent = 0
+    for key, value in msgs:
+        while True:
+            try:
+                produce(topic, value, key)
+                break
+            except BufferError:
+                poll(0.05)
+        sent += 1
+        if sent % 20_000 == 0:
+            poll(0)
+        if sent >= count:
+            break
+    return sent
+
+
 def preproduce(
-    bootstrap: str, topic: str, n: int, seed: int, dup_rate: float, bad_rate: float
+    bootstrap: str,
+    topic: str,
+    n: int,
+    seed: int,
+    dup_rate: float,
+    bad_rate: float,
+    backlog_rate: float,
 ) -> dict[str, Any]:
-    """Send ``n`` simulated messages as fast as confluent-kafka takes them."""
+    """Generate ``n`` live-shaped messages (event times over the last ``n / backlog_rate``
+    seconds, ending now) and send them as fast as confluent-kafka takes them."""
     settings = load_settings(kafka_bootstrap=bootstrap)
-    producer = Producer(producer_config(settings))
-    sim = Simulation(seed=seed, now_ms=now_ms())
+    span_ms = int(n * 1000 / backlog_rate)
+    sim = Simulation(seed=seed, now_ms=now_ms() - span_ms, live_rate=backlog_rate)
+    msgs, gen_s = generate(sim, n, dup_rate, bad_rate)
     failures: list[str] = []
 
     def on_delivery(err: Any, _msg: Any) -> None:
         if err is not None:
             failures.append(str(err))
 
+    producer = Producer({**producer_config(settings), "on_delivery": on_delivery})
     started = time.monotonic()
-    for i, msg in enumerate(sim.messages(n, dup_rate=dup_rate, bad_rate=bad_rate)):
-        while True:
-            try:
-                producer.produce(topic, msg.value, msg.key, on_delivery=on_delivery)
-                break
-            except BufferError:
-                producer.poll(0.05)
-        if i % 10_000 == 0:
-            producer.poll(0)
+    send(producer, topic, iter(msgs), n)
     remaining = producer.flush(120)
     seconds = time.monotonic() - started
     if remaining or failures:
@@ -207,6 +308,10 @@ def preproduce(
     truth = sim.truth
     return {
         "events": n,
+        "bad_rate": bad_rate,
+        "dup_rate": dup_rate,
+        "event_time_span_s": round(span_ms / 1000, 1),
+        "generate_seconds": round(gen_s, 2),
         "seconds": round(seconds, 2),
         "events_per_s": round(n / seconds),
         "unique_valid": truth.unique_valid,
@@ -247,16 +352,21 @@ class GroupProgress:
         self.consumer.close()
 
 
-def tree_usage(proc: psutil.Process) -> tuple[int, float]:
-    """RSS (bytes) and CPU seconds of a process and its children."""
-    rss = 0
-    cpu = 0.0
+def usage(proc: psutil.Process) -> tuple[int, float, int, float]:
+    """RSS (bytes) and CPU seconds (all threads) of a process, then the same with its
+    children added (the worker runs the quota server as a child)."""
+    rss = cpu = 0.0
+    tree_rss = tree_cpu = 0.0
     for p in [proc, *proc.children(recursive=True)]:
         with contextlib.suppress(psutil.Error):
-            rss += p.memory_info().rss
+            r = p.memory_info().rss
             t = p.cpu_times()
-            cpu += t.user + t.system
-    return rss, cpu
+            c = t.user + t.system
+            if p.pid == proc.pid:
+                rss, cpu = r, c
+            tree_rss += r
+            tree_cpu += c
+    return int(rss), cpu, int(tree_rss), tree_cpu
 
 
 # ---- processes -------------------------------------------------------------------------
@@ -347,6 +457,61 @@ def query(port: int, sql: str) -> list[list[Any]]:
     return rows
 
 
+def worker_status(port: int) -> dict[str, Any]:
+    """The worker's ``GET /v1/status`` JSON ({} when it does not answer)."""
+    with contextlib.suppress(OSError, ValueError):
+        status: dict[str, Any] = http_json(f"http://127.0.0.1:{port}/v1/status", timeout=5)
+        return status
+    return {}
+
+
+def stage_cpu(status: dict[str, Any]) -> dict[str, Any]:
+    """CPU microseconds per consumed event for each stage, from the worker's status
+    (cumulative ``stage_cpu_us`` / ``consumed``); empty when the worker does not report
+    stages."""
+    stages = status.get("stage_cpu_us")
+    consumed = status.get("consumed") or 0
+    if not isinstance(stages, dict) or not consumed:
+        return {}
+    return {str(k): round(float(v) / consumed, 2) for k, v in stages.items()}
+
+
+class RssWatch:
+    """Samples a process's RSS (and its children's) on a thread while it runs."""
+
+    def __init__(self, child: Child, every_s: float) -> None:
+        self.child = child
+        self.every_s = every_s
+        self.samples: list[tuple[float, float]] = []  # (s since start, process RSS MiB)
+        self.peak = 0  # bytes, the process alone
+        self.peak_tree = 0  # bytes, with its children
+        self._stop = threading.Event()
+        self._t0 = time.monotonic()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> RssWatch:
+        self._t0 = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set() and self.child.alive():
+            with contextlib.suppress(psutil.Error):
+                rss, _, tree_rss, _ = usage(self.child.ps)
+                self.peak = max(self.peak, rss)
+                self.peak_tree = max(self.peak_tree, tree_rss)
+                self.samples.append((round(time.monotonic() - self._t0, 1), mib(rss)))
+            self._stop.wait(self.every_s)
+
+
+def mib(n: float) -> float:
+    return round(n / 2**20, 1)
+
+
 # ---- one measured consumer run ------------------------------------------------------------
 
 
@@ -357,25 +522,27 @@ def measure_consumer(
     timeout: float,
     profile: tuple[Path, float] | None = None,
 ) -> dict[str, Any]:
-    """Sample a consumer process until its group committed ``total`` events."""
+    """Sample a consumer process until its group committed ``total`` events: the rate
+    from first to last commit (and between 10 % and 90 % of ``total``), the process's
+    CPU per event over the same span and its peak RSS."""
     t0 = time.monotonic()
     done: list[tuple[float, int]] = [(0.0, 0)]
     cpu: list[tuple[float, float]] = [(0.0, 0.0)]
-    peak_rss = 0
-    first_commit: float | None = None
+    tree_cpu: list[tuple[float, float]] = [(0.0, 0.0)]
+    peak_rss = peak_tree_rss = 0
     spy: subprocess.Popen[bytes] | None = None
     try:
         while True:
             if not child.alive():
                 raise RuntimeError(f"{child.name} exited {child.popen.returncode}:\n{child.tail()}")
             n = progress.committed()
-            rss, cpu_s = tree_usage(child.ps)
+            rss, cpu_s, tree_rss, tree_cpu_s = usage(child.ps)
             t = time.monotonic() - t0
             done.append((t, n))
             cpu.append((t, cpu_s))
+            tree_cpu.append((t, tree_cpu_s))
             peak_rss = max(peak_rss, rss)
-            if n and first_commit is None:
-                first_commit = t
+            peak_tree_rss = max(peak_tree_rss, tree_rss)
             if profile is not None and spy is None and n >= 0.1 * total:
                 out, seconds = profile
                 spy = subprocess.Popen(
@@ -396,20 +563,30 @@ def measure_consumer(
             except subprocess.TimeoutExpired:
                 spy.kill()
                 spy.wait(5)
-    rate, t_lo, t_hi = steady_rate(done, total)
-    steady_cpu = None
-    if rate and t_lo is not None and t_hi is not None:
-        steady_cpu = interpolate(cpu, t_hi) - interpolate(cpu, t_lo)
+    rate, t_first, t_last = span_rate(done, total)
+    n_first = next(n for _, n in done if n > 0)
+    span_events = total - n_first
+    span_cpu = interpolate(cpu, t_last) - interpolate(cpu, t_first)
+    span_tree_cpu = interpolate(tree_cpu, t_last) - interpolate(tree_cpu, t_first)
+    steady, t_lo, t_hi = steady_rate(done, total)
     return {
         "events": total,
         "events_per_s": round(rate) if rate else None,
-        "overall_events_per_s": round(total / done[-1][0]),
-        "seconds_to_first_commit": round(first_commit, 1) if first_commit else None,
-        "seconds_total": round(done[-1][0], 1),
+        "span_s": [round(t_first, 2), round(t_last, 2)],
+        "span_events": span_events,
+        "cpu_us_per_event": round(1e6 * span_cpu / span_events, 1) if rate else None,
+        "cpu_us_per_event_with_children": (
+            round(1e6 * span_tree_cpu / span_events, 1) if rate else None
+        ),
+        "cores_used": round(span_cpu / (t_last - t_first), 2) if rate else None,
+        "events_per_s_10_to_90": round(steady) if steady else None,
         "steady_window_s": [round(t_lo, 1), round(t_hi, 1)] if t_lo and t_hi else None,
-        "cpu_seconds_steady": round(steady_cpu, 1) if steady_cpu else None,
-        "events_per_cpu_s": round(0.8 * total / steady_cpu) if steady_cpu else None,
-        "peak_rss_mib": round(peak_rss / 2**20, 1),
+        "overall_events_per_s": round(total / done[-1][0]),
+        "seconds_to_first_commit": round(t_first, 1),
+        "seconds_total": round(done[-1][0], 1),
+        "cpu_seconds_total": round(cpu[-1][1], 1),
+        "peak_rss_mib": mib(peak_rss),
+        "peak_rss_with_children_mib": mib(peak_tree_rss),
         "samples": len(done),
     }
 
@@ -417,43 +594,53 @@ def measure_consumer(
 # ---- the runs ------------------------------------------------------------------------------
 
 
-def run_ceiling(bootstrap: str, topic: str, total: int) -> dict[str, Any]:
-    say(f"ceiling: confluent-kafka batch consume + fastavro decode of {total:,} events")
+def run_ceiling(bootstrap: str, topic: str, total: int, fastavro: bool) -> dict[str, Any]:
+    say(f"ceiling: confluent-kafka batch consume + decode + discard of {total:,} events")
+    cmd = [sys.executable, str(ROOT / "tests/perf/ceiling.py"), bootstrap, topic, str(total)]
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests/perf/ceiling.py"), bootstrap, topic, str(total)],
+        cmd + (["--fastavro"] if fastavro else []),
         capture_output=True,
         text=True,
         check=True,
         cwd=ROOT,
+        timeout=900,
     )
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     samples = [(float(t), int(n)) for t, n in out.pop("samples")]
-    rate, _, _ = steady_rate([(0.0, 0), *samples], total)
-    out["events_per_s"] = round(rate) if rate else None
+    rate, t_first, t_last = span_rate([(0.0, 0), *samples], total)
+    if rate is None:  # the whole topic came in one batch: time it from the start
+        rate, t_first = out["events"] / max(t_last, 1e-3), 0.0
+    out["events_per_s"] = round(rate)
+    out["span_s"] = [round(t_first, 2), round(t_last, 2)]
     out["overall_events_per_s"] = round(out["events"] / out["seconds"])
-    out["events_per_cpu_s"] = round(out["events"] / out["cpu_seconds"])
+    out["cpu_us_per_event"] = round(1e6 * out["cpu_seconds"] / out["events"], 2)
     return out
 
 
 def run_pipeline(
+    label: str,
     bootstrap: str,
     topics: TopicSet,
     work: Path,
     total: int,
     truth: dict[str, Any],
     timeout: float,
-    profile: tuple[Path, float] | None,
+    profile: tuple[Path, float] | None = None,
 ) -> dict[str, Any]:
+    """A cold worker on a pre-produced backlog of ``total`` events: measured, its
+    per-stage CPU read from its status, its stored rows checked against ``truth``."""
     port = free_port()
     data = work / f"worker-{topics.tag}"
     env = worker_env(bootstrap, topics, data, port)
-    say(f"pipeline: worker started cold on {total:,} events (group {topics.group})")
-    child = start(
-        "worker", [sys.executable, "-m", "pipeline.cli", "worker"], env, work / "worker.log"
-    )
+    log = work / f"{label}.log"
+    say(f"{label}: worker started cold on {total:,} events (group {topics.group})")
+    child = start(label, [sys.executable, "-m", "pipeline.cli", "worker"], env, log)
     progress = GroupProgress(bootstrap, topics.group, topics.usage)
     try:
         result = measure_consumer(child, progress, total, timeout, profile)
+        status = worker_status(port)
+        result["status"] = status
+        result["stage_cpu_us"] = stage_cpu(status)
         stored = query(port, "SELECT count() FROM usage_events")[0][0]
         # dead letters reach their table through the dead-letter topic: give it a moment
         letters = 0
@@ -468,14 +655,14 @@ def run_pipeline(
         result["exact"] = stored == truth["unique_valid"] and letters == truth["dead_letters"]
         result["throughput_log"] = [
             line.split("throughput: ", 1)[1]
-            for line in (work / "worker.log").read_text(errors="replace").splitlines()
+            for line in log.read_text(errors="replace").splitlines()
             if "throughput: " in line
         ][-6:]
     finally:
         progress.close()
         result_code = child.stop()
     if result_code not in (0, None):
-        say(f"worker exit code {result_code}")
+        say(f"{label}: worker exit code {result_code}")
     return result
 
 
@@ -570,6 +757,48 @@ class Markers:
         with self.lock:
             return sum(len(v) for v in self.by_minute.values()) - sum(self.seen.values())
 
+    def unseen(self, now: float) -> list[float]:
+        """How long each marker not yet seen has waited by ``now`` (warm-up ones aside)."""
+        with self.lock:
+            return [
+                now - at
+                for minute, sent in self.by_minute.items()
+                for at, warmup in sent[self.seen[minute] :]
+                if not warmup
+            ]
+
+
+def offer_live(
+    producer: Producer,
+    topic: str,
+    stream: Iterator[Message],
+    rate: float,
+    seconds: float,
+    tick: Callable[[float], None],
+) -> tuple[int, float]:
+    """Send ``stream`` at ``rate`` messages/s for ``seconds`` (calling ``tick(elapsed)``
+    between sends); returns (messages sent, seconds it took)."""
+    started = time.monotonic()
+    sent = 0
+    while (elapsed := time.monotonic() - started) < seconds:
+        want = int(elapsed * rate) - sent
+        if want > 0:
+            got = send(producer, topic, stream, want)
+            sent += got
+            if got < want:
+                break  # the stream ran out
+        tick(elapsed)
+        producer.poll(0)
+        time.sleep(0.002)
+    return sent, time.monotonic() - started
+
+
+def live_stream(sim: Simulation, dup_rate: float, bad_rate: float) -> Iterator[Message]:
+    """An endless live stream of ``sim`` in chunks (``messages`` plans a chunk at once)."""
+    while True:
+        for m in sim.messages(100_000, dup_rate=dup_rate, bad_rate=bad_rate):
+            yield m.key, m.value
+
 
 def run_latency(
     bootstrap: str,
@@ -580,6 +809,7 @@ def run_latency(
     seconds: float,
     markers_per_s: float,
     poll_s: float,
+    drain_s: float,
     dup_rate: float,
     bad_rate: float,
 ) -> dict[str, Any]:
@@ -592,9 +822,7 @@ def run_latency(
         "latency worker", [sys.executable, "-m", "pipeline.cli", "worker"], env, work / "lat.log"
     )
     codec = AvroCodec()
-    rules = Rules()
-    sample = marker_record(0, tag, now_ms())
-    problem = check_record(sample, now_ms(), rules)
+    problem = check_record(marker_record(0, tag, now_ms()), now_ms(), Rules())
     if problem is not None:
         raise RuntimeError(f"marker event is invalid: {problem}")
     marks = Markers()
@@ -626,60 +854,125 @@ def run_latency(
         producer.produce(topics.usage, value, MARKER_TENANT.encode())
         count += 1
 
+    next_marker = 0.0
+
+    def tick(elapsed: float) -> None:
+        nonlocal next_marker
+        if elapsed >= next_marker:
+            send_marker(warmup=False)
+            next_marker += 1.0 / markers_per_s
+
     poll_thread = threading.Thread(target=poller, daemon=True)
+    watch = RssWatch(child, 1.0)
+    unseen: list[float] = []
     try:
-        wait_healthy(child, port)
-        poll_thread.start()
-        warm_deadline = time.monotonic() + 120
-        while marks.warm_seen == 0:  # the whole path is up and hot
-            if time.monotonic() > warm_deadline:
-                raise RuntimeError(f"no marker became visible in 120 s:\n{child.tail()}")
-            send_marker(warmup=True)
-            producer.poll(0)
-            time.sleep(0.5)
-        sim = Simulation(seed=7, now_ms=now_ms(), live_rate=rate)
-        stream = sim.messages(
-            int(rate * seconds * 1.5) + 1000, dup_rate=dup_rate, bad_rate=bad_rate
-        )
-        started = time.monotonic()
-        sent = 0
-        next_marker = started
-        while (elapsed := time.monotonic() - started) < seconds:
-            target = int(elapsed * rate)
-            while sent < target:
-                msg = next(stream)
-                try:
-                    producer.produce(topics.usage, msg.value, msg.key)
-                    sent += 1
-                except BufferError:
-                    producer.poll(0.01)
-            if time.monotonic() >= next_marker:
-                send_marker(warmup=False)
-                next_marker += 1.0 / markers_per_s
-            producer.poll(0)
-            time.sleep(0.002)
-        producer.flush(60)
-        produce_s = time.monotonic() - started
-        deadline = time.monotonic() + 120
-        while marks.pending() and time.monotonic() < deadline:
-            time.sleep(0.2)
+        with watch:
+            # generated while the worker starts; event times ~ send times (the start
+            # estimate is rough: a few seconds either way is still live traffic)
+            sim = Simulation(seed=7, now_ms=now_ms() + 15_000, live_rate=rate)
+            msgs, gen_s = generate(sim, int(rate * seconds * 1.05) + 1000, dup_rate, bad_rate)
+            wait_healthy(child, port)
+            poll_thread.start()
+            warm_deadline = time.monotonic() + 120
+            while marks.warm_seen == 0:  # the whole path is up and hot
+                if time.monotonic() > warm_deadline:
+                    raise RuntimeError(f"no marker became visible in 120 s:\n{child.tail()}")
+                send_marker(warmup=True)
+                producer.poll(0)
+                time.sleep(0.5)
+            sent, produce_s = offer_live(producer, topics.usage, iter(msgs), rate, seconds, tick)
+            del msgs
+            producer.flush(60)
+            deadline = time.monotonic() + drain_s
+            while marks.pending() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            unseen = marks.unseen(time.time())
     finally:
         stop.set()
         if poll_thread.is_alive():
             poll_thread.join(10)
         child.stop()
     lat = marks.latencies
+    p50, p50_bound = censored_percentile(lat, unseen, 0.5)
+    p99, p99_bound = censored_percentile(lat, unseen, 0.99)
+
+    def ms(v: float | None) -> int | None:
+        return None if v is None else round(1000 * v)
+
     return {
         "target_events_per_s": round(rate),
         "produced_events_per_s": round(sent / produce_s),
         "seconds": round(produce_s, 1),
-        "markers": len(lat),
-        "markers_missing": marks.pending(),
-        "p50_ms": round(1000 * percentile(lat, 0.5)) if lat else None,
-        "p99_ms": round(1000 * percentile(lat, 0.99)) if lat else None,
-        "max_ms": round(1000 * max(lat)) if lat else None,
+        "generate_seconds": round(gen_s, 1),
+        "markers": len(lat) + len(unseen),
+        "markers_unseen": len(unseen),
+        "drain_limit_s": drain_s,
+        "p50_ms": ms(p50),
+        "p99_ms": ms(p99),
+        "p50_at_least_ms": ms(p50_bound),
+        "p99_at_least_ms": ms(p99_bound),
+        "max_ms": ms(max(lat)) if lat else None,
         "poll_interval_ms": round(1000 * poll_s),
-        "query_p50_ms": round(1000 * percentile(marks.query_s, 0.5)) if marks.query_s else None,
+        "query_p50_ms": ms(percentile(marks.query_s, 0.5)) if marks.query_s else None,
+        "peak_rss_mib": mib(watch.peak),
+        "peak_rss_with_children_mib": mib(watch.peak_tree),
+    }
+
+
+def run_soak(
+    bootstrap: str,
+    settings: Settings,
+    tag: str,
+    work: Path,
+    rate: float,
+    seconds: float,
+    dup_rate: float,
+    bad_rate: float,
+) -> dict[str, Any]:
+    """A worker under live traffic at ``rate`` for ``seconds``, its RSS sampled every
+    ``SOAK_SAMPLE_S``: does memory stay flat?"""
+    topics = TopicSet(f"{tag}-soak")
+    topics.create(settings)
+    port = free_port()
+    env = worker_env(bootstrap, topics, work / f"worker-{topics.tag}", port)
+    say(f"soak: live traffic at {rate:,.0f} events/s for {seconds:.0f} s, RSS every 10 s")
+    child = start(
+        "soak worker", [sys.executable, "-m", "pipeline.cli", "worker"], env, work / "soak.log"
+    )
+    producer = Producer(producer_config(load_settings(kafka_bootstrap=bootstrap)))
+    progress = GroupProgress(bootstrap, topics.group, topics.usage)
+    watch = RssWatch(child, SOAK_SAMPLE_S)
+    try:
+        wait_healthy(child, port)
+        sim = Simulation(seed=11, now_ms=now_ms(), live_rate=rate)
+        with watch:
+            sent, produce_s = offer_live(
+                producer,
+                topics.usage,
+                live_stream(sim, dup_rate, bad_rate),
+                rate,
+                seconds,
+                lambda _elapsed: None,
+            )
+            producer.flush(60)
+            committed = progress.committed()
+            status = worker_status(port)
+    finally:
+        progress.close()
+        child.stop()
+    samples = watch.samples
+    after_2min = [rss for t, rss in samples if t >= 120.0]
+    return {
+        "seconds": round(produce_s, 1),
+        "target_events_per_s": round(rate),
+        "produced_events_per_s": round(sent / produce_s),
+        "events_sent": sent,
+        "events_committed": committed,
+        "consumed": status.get("consumed"),
+        "rss_samples_mib": samples,
+        "rss_growth_mib": round(after_2min[-1] - after_2min[0], 1) if len(after_2min) > 1 else None,
+        "peak_rss_mib": mib(watch.peak),
+        "peak_rss_with_children_mib": mib(watch.peak_tree),
     }
 
 
@@ -762,113 +1055,164 @@ def ratio(a: Any, b: Any) -> float | None:
     return round(a / b, 3) if a and b else None
 
 
+def headline(result: dict[str, Any]) -> dict[str, Any]:
+    """The top-level figures (``HEADLINE`` keys and ``stage_cpu_us``) from the runs'
+    details; None for a figure whose run was skipped or gave none."""
+    p, c = result.get("pipeline", {}), result.get("ceiling", {})
+    g, lat = result.get("garbage", {}), result.get("latency", {})
+    peaks = [r.get("peak_rss_mib") for r in (p, g, lat, result.get("soak", {}))]
+    return {
+        "events": result["events"],
+        "pipeline_events_per_s": p.get("events_per_s"),
+        "pipeline_cpu_us_per_event": p.get("cpu_us_per_event"),
+        "ceiling_events_per_s": c.get("events_per_s"),
+        "ceiling_decoder": c.get("decoder"),
+        "ceiling_ratio": ratio(p.get("events_per_s"), c.get("events_per_s")),
+        "garbage_mix_events_per_s": g.get("events_per_s"),
+        "latency_p50_ms": lat.get("p50_ms"),
+        "latency_p99_ms": lat.get("p99_ms"),
+        "latency_rate_events_per_s": lat.get("produced_events_per_s"),
+        "peak_rss_mib": max((x for x in peaks if x is not None), default=None),
+        "stage_cpu_us": p.get("stage_cpu_us", {}),
+    }
+
+
 def print_table(result: dict[str, Any]) -> None:
+    """The headline figures as an aligned table (numbers never wrapped nor cut), then
+    per-stage CPU and the machine's facts."""
     from rich.console import Console
     from rich.table import Table
 
-    p, c, nv = result.get("pipeline", {}), result.get("ceiling", {}), result.get("naive", {})
-    lat = result.get("latency", {})
-    table = Table(title=f"tokenmeter bench: {result['events']:,} events", show_lines=False)
-    for col in ("run", "events/s (steady)", "events/CPU-s", "peak RSS MiB", "notes"):
-        table.add_column(col, justify="right" if col != "run" and col != "notes" else "left")
+    console = Console(width=max(120, shutil.get_terminal_size((120, 40)).columns))
+    p, c, lat = result.get("pipeline", {}), result.get("ceiling", {}), result.get("latency", {})
+    table = Table(title=f"tokenmeter bench: {result['events']:,} events")
+    table.add_column("figure", no_wrap=True)
+    table.add_column("value", justify="right", no_wrap=True)
+    table.add_column("unit", no_wrap=True)
+    table.add_column("what", overflow="fold")
 
-    def fmt(v: Any) -> str:
-        return f"{v:,}" if isinstance(v, int | float) else "-"
+    def fmt(v: Any) -> str:  # the JSON's value, digit for digit, thousands separated
+        if isinstance(v, bool) or v is None:
+            return "-" if v is None else str(v)
+        return f"{v:,}" if isinstance(v, int | float) else str(v)
 
-    if c:
-        table.add_row(
-            "ceiling",
-            fmt(c.get("events_per_s")),
-            fmt(c.get("events_per_cpu_s")),
-            "-",
-            "confluent-kafka batch consume + fastavro decode",
-        )
-    if p:
-        note = f"exact={p.get('exact')}, first commit {p.get('seconds_to_first_commit')} s"
-        table.add_row(
-            "pipeline",
-            fmt(p.get("events_per_s")),
-            fmt(p.get("events_per_cpu_s")),
-            fmt(p.get("peak_rss_mib")),
-            note,
-        )
-    if nv:
-        table.add_row(
-            "naive faust",
-            fmt(nv.get("events_per_s")),
-            fmt(nv.get("events_per_cpu_s")),
-            fmt(nv.get("peak_rss_mib")),
-            "per-event agent, 2 table updates/event",
-        )
-    r = result.get("ratios", {})
-    table.add_row(
-        "pipeline/ceiling",
-        fmt(r.get("pipeline_over_ceiling")),
-        fmt(r.get("pipeline_over_ceiling_cpu")),
-        "",
-        "",
-    )
-    table.add_row(
-        "pipeline/naive",
-        fmt(r.get("pipeline_over_naive")),
-        fmt(r.get("pipeline_over_naive_cpu")),
-        "",
-        "",
-    )
+    notes: dict[str, str] = {
+        "pipeline_events_per_s": f"exact={p.get('exact')}" if p else "not run",
+        "ceiling_events_per_s": f"decoder: {c.get('decoder')}" if c else "not run",
+        "garbage_mix_events_per_s": (
+            f"exact={result['garbage'].get('exact')}" if result.get("garbage") else "not run"
+        ),
+    }
     if lat:
-        table.add_row(
-            "latency",
-            f"p50 {fmt(lat.get('p50_ms'))} ms",
-            f"p99 {fmt(lat.get('p99_ms'))} ms",
-            "",
-            f"{lat.get('markers')} markers at {fmt(lat.get('produced_events_per_s'))} "
-            f"events/s (50 %), poll {lat.get('poll_interval_ms')} ms",
+        for q in ("p50", "p99"):
+            if lat.get(f"{q}_ms") is None and lat.get(f"{q}_at_least_ms") is not None:
+                notes[f"latency_{q}_ms"] = (
+                    f"not reached: {lat['markers_unseen']} of {lat['markers']} markers unseen "
+                    f"{lat['drain_limit_s']:.0f} s after the traffic; at least "
+                    f"{lat[f'{q}_at_least_ms']:,} ms"
+                )
+        notes["latency_rate_events_per_s"] = (
+            f"target {lat['target_events_per_s']:,}, for {lat['seconds']} s"
         )
-    Console(width=130).print(table)
-    load = result.get("load_average", {})
-    print(
-        f"load average at start {load.get('start')}, at end {load.get('end')} "
-        f"on {result['machine']['cpus']} CPUs ({result['machine']['cpu_model']})"
+    else:
+        notes["latency_p50_ms"] = "not run"
+    for key, unit, what in HEADLINE:
+        note = notes.get(key)
+        table.add_row(key, fmt(result.get(key)), unit, f"{what}; {note}" if note else what)
+    stages = result.get("stage_cpu_us") or {}
+    if stages:
+        for stage, us in stages.items():
+            table.add_row(f"stage_cpu_us.{stage}", fmt(us), "us CPU", "per consumed event")
+        table.add_row("stage_cpu_us (sum)", fmt(round(sum(stages.values()), 2)), "us CPU", "")
+    else:
+        table.add_row(
+            "stage_cpu_us", "-", "", "the worker's /v1/status has no stage_cpu_us: not measured"
+        )
+    soak = result.get("soak")
+    if soak:
+        table.add_row(
+            "rss_growth_mib",
+            fmt(soak.get("rss_growth_mib")),
+            "MiB",
+            f"soak: from minute 2 to the end of {soak['seconds']} s at "
+            f"{soak['produced_events_per_s']:,} events/s",
+        )
+    console.print(table)
+    m, load = result["machine"], result.get("load_average", {})
+    console.print(
+        f"machine: {m['cpus']} CPUs ({m['cpu_model']}), {m['memory_gib']} GiB; load average "
+        f"(1, 5, 15 min) before {load.get('start')}, after {load.get('end')}",
+        soft_wrap=True,
     )
 
 
 # ---- main -----------------------------------------------------------------------------------
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="tokenmeter end-to-end benchmark")
-    parser.add_argument("--events", type=int, default=2_000_000)
-    parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--dup-rate", type=float, default=0.01)
-    parser.add_argument("--bad-rate", type=float, default=0.001)
-    parser.add_argument("--latency-seconds", type=float, default=30.0)
-    parser.add_argument(
-        "--latency-rate",
-        type=float,
-        default=None,
-        help="events/s of the latency run (default: 50 %% of the pipeline's)",
-    )
-    parser.add_argument("--markers-per-s", type=float, default=4.0)
-    parser.add_argument("--poll-ms", type=float, default=200.0)
-    parser.add_argument(
-        "--naive-events",
+    add = parser.add_argument
+    add(
+        "--events",
         type=int,
-        default=None,
-        help="events the naive reference processes (default: all)",
+        default=int(os.environ.get("BENCH_EVENTS", "200000")),
+        help="backlog of the main run (default: $BENCH_EVENTS or 200,000)",
     )
-    parser.add_argument(
-        "--skip", nargs="*", default=[], choices=["ceiling", "pipeline", "naive", "latency"]
+    add("--out", type=Path, default=None, help="write the JSON here (logs beside it)")
+    add("--seed", type=int, default=42)
+    add("--dup-rate", type=float, default=0.01)
+    add("--bad-rate", type=float, default=0.001)
+    add(
+        "--backlog-rate",
+        type=float,
+        default=50_000.0,
+        help="events/s the backlog's event times are spread at (live-shaped: they end now)",
     )
-    parser.add_argument(
+    add("--garbage-rate", type=float, default=0.10, help="bad share of the garbage-mix run")
+    add("--garbage-events", type=int, default=None, help="its backlog (default: --events)")
+    add("--latency-seconds", type=float, default=30.0)
+    add("--latency-rate", type=float, default=25_000.0, help="events/s offered live")
+    add(
+        "--latency-drain-s",
+        type=float,
+        default=60.0,
+        help="how long after the traffic markers may still become visible",
+    )
+    add("--markers-per-s", type=float, default=4.0)
+    add("--poll-ms", type=float, default=200.0)
+    add(
+        "--soak-s",
+        type=float,
+        default=0.0,
+        help="also run a worker under live traffic this long, RSS every 10 s (e.g. 600)",
+    )
+    add("--soak-rate", type=float, default=None, help="its events/s (default: --latency-rate)")
+    add("--naive", action="store_true", help="also run the naive per-event faust reference")
+    add("--naive-events", type=int, default=None, help="events it processes (default: all)")
+    add(
+        "--fastavro-ceiling",
+        action="store_true",
+        help="decode the ceiling with fastavro even if the columnar decoder imports",
+    )
+    add(
+        "--skip",
+        nargs="*",
+        default=[],
+        choices=["ceiling", "pipeline", "garbage", "latency", "naive"],
+    )
+    add(
         "--profile-seconds",
         type=float,
         default=0.0,
-        help="py-spy the worker for this long during the steady part",
+        help="py-spy the main run's worker for this long from 10 %% of the backlog",
     )
-    parser.add_argument("--keep", action="store_true", help="keep the work directory")
-    parser.add_argument("--summarise", type=Path, help="only summarise a py-spy raw file")
-    args = parser.parse_args()
+    add("--keep", action="store_true", help="keep the work directory")
+    add("--summarise", type=Path, help="only summarise a py-spy raw file")
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
     if args.summarise:
         print(json.dumps(summarise_profile(args.summarise, top=30), indent=1))
         return 0
@@ -892,66 +1236,88 @@ def main() -> int:
         "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "work_dir": str(work),
     }
-    timeout = max(600.0, n / 200)
+    timeout = max(600.0, n / 200)  # no run waits for ever, even at 200 events/s
+    code = 0
     try:
         topics = TopicSet(tag)
         topics.create(settings)
-        say(f"pre-producing {n:,} events to {topics.usage} ({PARTITIONS} partitions)")
+        say(f"pre-producing {n:,} live-shaped events to {topics.usage} ({PARTITIONS} partitions)")
         result["produce"] = preproduce(
-            bootstrap, topics.usage, n, args.seed, args.dup_rate, args.bad_rate
+            bootstrap, topics.usage, n, args.seed, args.dup_rate, args.bad_rate, args.backlog_rate
         )
-        say(f"produced at {result['produce']['events_per_s']:,} events/s")
+        say(f"produced at {num(result['produce']['events_per_s'])} events/s")
         if "ceiling" not in args.skip:
-            result["ceiling"] = run_ceiling(bootstrap, topics.usage, n)
-            say(f"ceiling: {result['ceiling']['events_per_s']:,} events/s")
+            result["ceiling"] = run_ceiling(bootstrap, topics.usage, n, args.fastavro_ceiling)
+            say(f"ceiling: {num(result['ceiling']['events_per_s'])} events/s")
         if "pipeline" not in args.skip:
             profile = None
             if args.profile_seconds > 0:
                 profile = (work / "pyspy.raw", args.profile_seconds)
             result["pipeline"] = run_pipeline(
-                bootstrap, topics, work, n, result["produce"], timeout, profile
+                "worker", bootstrap, topics, work, n, result["produce"], timeout, profile
             )
             say(
-                f"pipeline: {result['pipeline']['events_per_s']:,} events/s, "
+                f"pipeline: {num(result['pipeline']['events_per_s'])} events/s, "
                 f"exact={result['pipeline']['exact']}"
             )
             if profile is not None and profile[0].exists():
                 result["profile"] = summarise_profile(profile[0])
                 if args.out:
                     shutil.copy(profile[0], args.out.with_suffix(".pyspy.raw"))
-        if "naive" not in args.skip:
+        if args.naive and "naive" not in args.skip:
             reasons = result["produce"]["dead_letter_reasons"]
             decodable = n - reasons.get("undecodable", 0) - reasons.get("unknown_schema", 0)
             m = min(decodable, args.naive_events or decodable)
             result["naive"] = run_naive(bootstrap, topics.usage, tag, work, m, timeout)
-            say(f"naive: {result['naive']['events_per_s']:,} events/s")
-        p = result.get("pipeline", {})
-        c = result.get("ceiling", {})
-        nv = result.get("naive", {})
-        result["ratios"] = {
-            "pipeline_over_ceiling": ratio(p.get("events_per_s"), c.get("events_per_s")),
-            "pipeline_over_naive": ratio(p.get("events_per_s"), nv.get("events_per_s")),
-            "pipeline_over_ceiling_cpu": ratio(
-                p.get("events_per_cpu_s"), c.get("events_per_cpu_s")
-            ),
-            "pipeline_over_naive_cpu": ratio(p.get("events_per_cpu_s"), nv.get("events_per_cpu_s")),
-        }
+            say(f"naive: {num(result['naive']['events_per_s'])} events/s")
+        if "garbage" not in args.skip:
+            gn = args.garbage_events or n
+            garbage = TopicSet(f"{tag}-garbage")
+            garbage.create(settings)
+            say(f"garbage mix: pre-producing {gn:,} events, {args.garbage_rate:.0%} bad")
+            truth = preproduce(
+                bootstrap,
+                garbage.usage,
+                gn,
+                args.seed + 1,
+                args.dup_rate,
+                args.garbage_rate,
+                args.backlog_rate,
+            )
+            result["garbage"] = {"produce": truth}
+            result["garbage"].update(
+                run_pipeline("garbage", bootstrap, garbage, work, gn, truth, max(600.0, gn / 200))
+            )
+            say(f"garbage mix: {num(result['garbage']['events_per_s'])} events/s")
         if "latency" not in args.skip:
-            rate = args.latency_rate or 0.5 * (p.get("events_per_s") or 0)
-            if rate <= 0:
-                raise RuntimeError("latency run needs --latency-rate or a pipeline run")
             result["latency"] = run_latency(
                 bootstrap,
                 settings,
                 tag,
                 work,
-                rate,
+                args.latency_rate,
                 args.latency_seconds,
                 args.markers_per_s,
                 args.poll_ms / 1000,
+                args.latency_drain_s,
                 args.dup_rate,
                 args.bad_rate,
             )
+        if args.soak_s > 0:
+            result["soak"] = run_soak(
+                bootstrap,
+                settings,
+                tag,
+                work,
+                args.soak_rate or args.latency_rate,
+                args.soak_s,
+                args.dup_rate,
+                args.bad_rate,
+            )
+    except Exception as exc:  # noqa: BLE001 - reported, and the partial results kept
+        result["error"] = f"{type(exc).__name__}: {exc}"
+        say(f"FAILED: {result['error']}")
+        code = 1
     finally:
         result["load_average"]["end"] = [round(x, 2) for x in os.getloadavg()]
         with contextlib.suppress(Exception):
@@ -960,10 +1326,14 @@ def main() -> int:
                 for fut in admin.delete_topics(names, operation_timeout=30).values():
                     with contextlib.suppress(Exception):
                         fut.result(30)
+        p, nv = result.get("pipeline", {}), result.get("naive", {})
+        if nv:
+            result["naive_ratio"] = ratio(p.get("events_per_s"), nv.get("events_per_s"))
+        result = {**headline(result), **result}
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-            for log in ("worker.log", "naive.log", "lat.log"):
+            for log in ("worker.log", "garbage.log", "naive.log", "lat.log", "soak.log"):
                 if (work / log).exists():
                     shutil.copy(work / log, args.out.with_suffix(f".{log}"))
         if not args.keep:
@@ -971,7 +1341,7 @@ def main() -> int:
     print_table(result)
     if args.out:
         print(f"results: {args.out}")
-    return 0
+    return code
 
 
 if __name__ == "__main__":
