@@ -40,6 +40,7 @@ from mode.types.signals import BaseSignalT
 from pipeline.metrics import WorkerMetrics
 from pipeline.runtime import BatchReport, Pipeline
 from pipeline.settings import Settings
+from pipeline.stages.columnar import PreparedUsage
 from pipeline.stages.ingest import RawMessage
 from pipeline.usage_reader import ConsumedBatch, UsageReader
 
@@ -143,9 +144,9 @@ class Worker:
         )
         self._routes: dict[int, str] = {}
         self.app = self._build_app()
-        self.reader: UsageReader[list[RawMessage]] = UsageReader(
+        self.reader: UsageReader[PreparedUsage] = UsageReader(
             settings,
-            prepare=ConsumedBatch.messages,
+            prepare=self._prepare_usage,
             store=self._store_usage,
             commit=self._commit_usage,
             executor=self.executor,
@@ -166,14 +167,18 @@ class Worker:
         return await loop.run_in_executor(self.executor, fn, *args)
 
     # ---- the usage topic: UsageReader callbacks ------------------------------------
-    def _store_usage(self, messages: list[RawMessage]) -> BatchReport:
+    def _prepare_usage(self, batch: ConsumedBatch) -> PreparedUsage:
+        """On the reader thread, while the pipeline thread stores the batch before."""
+        return self.pipeline.prepare_usage(batch)
+
+    def _store_usage(self, prepared: PreparedUsage) -> BatchReport:
         """On the pipeline thread: store one batch; a batch that could not be stored ends
         the process without committing (the restart replays it)."""
         try:
-            return self.pipeline.process_usage(messages)
+            return self.pipeline.store_usage(prepared)
         except Exception as exc:  # noqa: BLE001 - an unstored batch must never be committed
             log.exception("batch failed")
-            _crash(f"batch of {len(messages)} could not be processed: {exc}")
+            _crash(f"batch of {prepared.consumed} could not be stored: {exc}")
             raise
 
     def _commit_usage(self, offsets: dict[int, int]) -> None:

@@ -12,37 +12,65 @@ does the agent let faust ack (and later commit) the batch's offsets.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow as pa
 from confluent_kafka import Producer
 
-from pipeline.events import Reason, Rejection, Rules, Stage, dedup_key, now_ms, pseudonymise
-from pipeline.metering.dedup import DedupIndex
+from pipeline.events import (
+    Reason,
+    Rejection,
+    Rules,
+    Stage,
+    check_record,
+    now_ms,
+    pseudonymise,
+)
+from pipeline.metering.dedup import Decision, DedupIndex
 from pipeline.metering.plans import load_plans
 from pipeline.metering.pricing import load_cards
 from pipeline.produce import DeliveryError, producer_config
-from pipeline.serde import AvroCodec, DecodeError
+from pipeline.serde import MAGIC, AvroCodec, DecodeError
+from pipeline.serde_columnar import OK, ColumnarDecoder, DecodedBatch, key_fingerprints
 from pipeline.settings import Settings
+from pipeline.stages.columnar import (
+    Positions,
+    PreparedUsage,
+    pseudonymise_column,
+    row_record,
+    suspect_rows,
+    usage_events_rows,
+)
 from pipeline.stages.ingest import (
     DeadLetter,
-    IngestStage,
     RawMessage,
     dead_letter_for,
     first_copies,
 )
 from pipeline.stages.rate import RateStage
 from pipeline.stages.sink import Sink, ingested_now
-from pipeline.stages.window import GRAINS, corrections_table, rollup_table
+from pipeline.stages.window import (
+    GRAINS,
+    corrections_table,
+    rollup_from_minutes,
+    rollup_table,
+)
 from pipeline.warehouse import Warehouse, open_warehouse
-from pipeline.warehouse.arrow_rows import dead_letters_table, usage_events_table
+from pipeline.warehouse.arrow_rows import dead_letters_table
 from pipeline.warehouse.base import quote_literal
 from pipeline.warehouse.price_cards import sync_price_cards
+
+if TYPE_CHECKING:
+    from pipeline.usage_reader import ConsumedBatch
 
 if TYPE_CHECKING:
     from pipeline.metrics import WorkerMetrics
@@ -129,10 +157,16 @@ class Pipeline:
             future_skew_ms=settings.future_skew_s * 1000,
             max_tokens=settings.max_tokens,
         )
-        self._batch: list[RawMessage] = []
-        self._batch_by_pos: dict[tuple[int, int], RawMessage] | None = None
-        self.dedup = DedupIndex(verify=self._same_event)
-        self.ingest = IngestStage(self.codec, self.rules, self.key, self.dedup)
+        # the payload hash (v2) and the dedup-key fingerprints are keyed SipHash-2-4
+        # with a key derived from the pseudonym key: stable per data directory, as the
+        # hashes stored in usage_events must be
+        self.hash_key = hmac.new(self.key, b"tokenmeter payload hash v2", hashlib.sha256).digest()[
+            :16
+        ]
+        self.decoder = ColumnarDecoder(self.codec, self.hash_key)
+        self._current: tuple[pa.Table, Positions] | None = None
+        self.dedup = DedupIndex(verify=self._same_event, fingerprint=self._key_fingerprint)
+        self.stage_cpu_us: Counter[str] = Counter()
         self.book = load_cards(settings.price_cards)
         self.rater = RateStage(self.book, load_plans(settings.tenant_plans))
         self.grace_ms = settings.window_grace_s * 1000
@@ -184,10 +218,11 @@ class Pipeline:
             f"AND event_time >= fromUnixTimestamp64Milli({horizon})"
         )
         if result.num_rows:
-            cols = [result.column(i).to_pylist() for i in range(6)]
-            self.dedup.add_many(
-                [f"{c}\x1f{e}" for c, e in zip(cols[0], cols[1], strict=True)],
-                cols[2], cols[3], cols[4], cols[5],
+            ints = [np.asarray(result.column(i).to_numpy(), dtype=np.int64) for i in range(2, 6)]
+            self.dedup.add_many_fp(
+                key_fingerprints(result.column(0), result.column(1), self.hash_key),
+                ints[0], ints[1], ints[2], ints[3],
+                keys=lambda i: f"{result.column(0)[i].as_py()}\x1f{result.column(1)[i].as_py()}",
             )  # fmt: skip
         usage = self.wh.query_arrow(
             "SELECT tenant_id, plan_period, sum(tier_usage_tu) AS tu FROM usage_events "
@@ -218,19 +253,24 @@ class Pipeline:
         topic = self.settings.topic_usage
         return {p: marks.get((topic, p)) for p in partitions}
 
+    def _key_fingerprint(self, key: str) -> int:
+        """The dedup index's fingerprint of a key string: the decoder's ``key_fp``."""
+        carrier, _, event_id = key.partition("\x1f")
+        fp = key_fingerprints(pa.array([carrier]), pa.array([event_id]), self.hash_key)
+        return int(fp[0])
+
     def _same_event(self, key: str, position: tuple[int, int]) -> bool:
         """Does the usage event at (partition, offset) have dedup key ``key``? Asked by
         the dedup index only when two keys share a 64-bit fingerprint but not a payload
         hash (a conflicting duplicate, or a fingerprint collision): from the batch being
         processed (not stored yet), else from usage_events."""
-        if self._batch_by_pos is None:
-            self._batch_by_pos = {(m.partition, m.offset): m for m in self._batch}
-        msg = self._batch_by_pos.get(position)
-        if msg is not None:
-            try:
-                return dedup_key(self.codec.decode(msg.value)) == key
-            except DecodeError:
-                return False
+        if self._current is not None:
+            table, where = self._current
+            hit = np.flatnonzero(
+                (where.partitions == position[0]) & (where.offsets == position[1])
+            )
+            if hit.size:
+                return _row_key(table, int(hit[0])) == key
         carrier, _, event_id = key.partition("\x1f")
         partition, offset = position
         found = self.wh.query_arrow(
@@ -254,55 +294,246 @@ class Pipeline:
 
     # ---- the usage path -------------------------------------------------------
     def process_usage(self, messages: list[RawMessage]) -> BatchReport:
-        """Ingest one batch and store it. Returns only once everything is stored and the
-        dead letters are acknowledged by Kafka; raises ``SinkAbortedError`` or
-        ``DeliveryError`` otherwise (the caller must then not commit)."""
+        """Prepare and store one batch of usage messages (``prepare_usage`` then
+        ``store_usage``, on the calling thread). Raises like ``store_usage``."""
+        from pipeline.usage_reader import ConsumedBatch
+
+        topics = {m.topic for m in messages}
+        batch = ConsumedBatch(
+            topics.pop() if len(topics) == 1 else self.settings.topic_usage,
+            [m.value for m in messages],
+            [m.partition for m in messages],
+            [m.offset for m in messages],
+            [m.timestamp_ms for m in messages],
+        )
+        self.load_usage_partitions(sorted(set(batch.partitions)))
+        return self.store_usage(self.prepare_usage(batch))
+
+    def prepare_usage(self, batch: ConsumedBatch) -> PreparedUsage:
+        """Stages 1 to 7 for one batch, on columns: decode -> validate -> pseudonymise ->
+        dedup -> rate -> usage_events rows -> rollups. Touches no table and no topic (the
+        dedup index and the tier counters advance); ``store_usage`` writes the result.
+        Its partitions must have been taken (``take_usage_partitions``)."""
+        clock = _StageClock(self.stage_cpu_us)
+        clock.add("consume", batch.consume_cpu_s)
+        out = PreparedUsage(consumed=len(batch))
+        where = Positions(
+            batch.topic,
+            np.asarray(batch.partitions, dtype=np.int64),
+            np.asarray(batch.offsets, dtype=np.int64),
+            np.asarray(batch.timestamps, dtype=np.int64),
+        )
+        decoded = self.decoder.decode(batch.values)
+        table, phash, fps, rows = self._decoded_rows(batch, decoded, out.dead_letters)
+        where = where.take(rows)
+        clock.lap("decode")
+
+        keep = ~suspect_rows(table, where.arrived_ms, self.rules)
+        for i in map(int, np.flatnonzero(~keep)):
+            record = row_record(table, i)
+            rejection = check_record(record, int(where.arrived_ms[i]), self.rules)
+            if rejection is None:
+                keep[i] = True
+                continue
+            out.dead_letters.append(self._letter(batch, int(rows[i]), rejection, record))
+        if not keep.all():
+            table, phash, fps, where = table.filter(keep), phash[keep], fps[keep], where.take(keep)
+        clock.lap("validate")
+
+        subscribers = table.schema.get_field_index("subscriber_id")
+        table = table.set_column(
+            subscribers, "subscriber_id", pseudonymise_column(table.column(subscribers), self.key)
+        )
+        clock.lap("pseudonymise")
+
+        self._current = (table, where)
+        try:
+            decisions = self.dedup.check_many(
+                fps, phash, where.partitions, where.offsets,
+                np.asarray(table.column("event_time").to_numpy(), dtype=np.int64),
+                keys=lambda i: _row_key(table, i),
+            )  # fmt: skip
+        finally:
+            self._current = None
+        for c in map(int, np.flatnonzero(decisions == Decision.CONFLICT)):
+            record = row_record(table, c)
+            rejection = Rejection(
+                Reason.CONFLICTING_DUPLICATE,
+                Stage.DEDUP,
+                f"event_id: {record['event_id']!r} from {record['reporting_carrier']} was "
+                "already counted with different content; the first one stands",
+            )
+            origin = _origin(where, batch, c)
+            out.dead_letters.append(self._letter(batch, origin, rejection, record))
+        new = decisions == Decision.NEW
+        out.duplicates = int(np.count_nonzero(decisions == Decision.DUPLICATE))
+        out.accepted = int(np.count_nonzero(new))
+        # Events at or below usage_events' marks are stored already (a replay).
+        fresh = np.flatnonzero(new & self._above_marks(where))
+        table, phash, fps, where = table.take(fresh), phash[fresh], fps[fresh], where.take(fresh)
+        clock.lap("dedup")
+
+        rated = self.rater.rate_columns(table)
+        if rated.unpriced.any():
+            for u, why in rated.unpriced_detail:
+                # Not counted: forget it, so the same event can be replayed after a card fix.
+                self.dedup.forget_fp(int(fps[u]), int(where.partitions[u]), int(where.offsets[u]))
+                record = row_record(table, u)
+                origin = _origin(where, batch, u)
+                out.dead_letters.append(self._letter(batch, origin, why.to_rejection(), record))
+            priced = np.flatnonzero(~rated.unpriced)
+            out.accepted -= len(rated.unpriced_detail)
+            table, phash, where = table.take(priced), phash[priced], where.take(priced)
+            rated = rated.take(priced)
+        clock.lap("rate")
+
+        now = ingested_now()
+        events = usage_events_rows(table, phash, rated, where, now)
+        clock.lap("build")
+        if events.num_rows:
+            with_arrival = events.append_column("arrived_ms", pa.array(where.arrived_ms))
+            out.writes = [*self._rollups(with_arrival, where, now), (USAGE_TABLE, events)]
+            feed = pa.table(
+                {
+                    "tenant_id": table.column("tenant_id"),
+                    "subscriber_id": table.column("subscriber_id"),
+                    "event_time": table.column("event_time"),
+                    "event_id": table.column("event_id"),
+                    "partition": pa.array(where.partitions),
+                }
+            )
+            tu, cny = rated.tier_usage_micro, rated.amount_micro
+            if self.quota is not None:
+                quota = self.quota
+                out.quota_feed = lambda: quota.on_rated_columns(feed, tu, cny)
+        clock.lap("rollups")
+        return out
+
+    def store_usage(self, prepared: PreparedUsage) -> BatchReport:
+        """Store a prepared batch: dead letters first (delivered to Kafka), then the
+        rollups, then usage_events, then the quota feed. Returns only once everything is
+        stored; raises ``SinkAbortedError`` or ``DeliveryError`` otherwise (the caller
+        must then not commit)."""
         started = time.monotonic()
-        self.load_usage_partitions(sorted({m.partition for m in messages}))
-        self._batch, self._batch_by_pos = messages, None
-        result = self.ingest.process(messages)
-        report = BatchReport(consumed=len(messages), accepted=len(result.accepted))
-        report.duplicates = result.duplicates
-        # Events at or below usage_events' marks are fully stored (it is written last).
-        stored = self.sink.tables[USAGE_TABLE]
-        fresh = [a for a in result.accepted if stored.fresh(a.topic, a.partition, a.offset)]
-        rated, unpriced = self.rater.rate(fresh)
-        for acc, why in unpriced:
-            # Not counted: forget it, so the same event can be replayed after a card fix.
-            self.dedup.forget(dedup_key(acc.record), acc.partition, acc.offset)
-            msg = RawMessage(acc.topic, acc.partition, acc.offset, acc.arrived_ms, None, b"")
-            result.dead_letters.append(dead_letter_for(msg, why.to_rejection(), acc.record))
-        report.accepted -= len(unpriced)
-        if result.dead_letters:
+        clock = _StageClock(self.stage_cpu_us)
+        report = BatchReport(
+            consumed=prepared.consumed,
+            accepted=prepared.accepted,
+            duplicates=prepared.duplicates,
+        )
+        if prepared.dead_letters:
             # Before any table is written: a stored event then implies its batch's dead
             # letters are delivered, so reading can resume after usage_events' mark.
-            # In source order: the unpriced letters came after the batch's other letters,
-            # and the mirror takes a letter at or below an offset it has already seen from
-            # that source partition for a copy (``first_copies``, the sink's marks).
-            result.dead_letters.sort(key=lambda d: (d.topic, d.partition, d.offset))
-            self.send_dead_letters(result.dead_letters)
-            report.dead_letters.update(d.reason for d in result.dead_letters)
-        if rated:
-            now = ingested_now()
-            events = usage_events_table(rated, now)
-            with_arrival = events.append_column(
-                "arrived_ms", pa.array([r.accepted.arrived_ms for r in rated], pa.int64())
-            )
-            for table in ROLLUP_TABLES:
-                todo = self.sink.tables[table].unstored(with_arrival)
-                if todo.num_rows == 0:
-                    continue
-                if table == CORRECTIONS_TABLE:
-                    data = corrections_table(todo, self.grace_ms, now)
-                else:
-                    data = rollup_table(todo, table, self.grace_ms, now)
-                self._write(table, data)
-            report.inserted = self._write(USAGE_TABLE, events)
-            if self.quota is not None:
-                self.quota.on_rated_batch(rated)
+            # In source order: the mirror takes a letter at or below an offset it has
+            # already seen from that source partition for a copy (``first_copies``).
+            prepared.dead_letters.sort(key=lambda d: (d.topic, d.partition, d.offset))
+            self.send_dead_letters(prepared.dead_letters)
+            report.dead_letters.update(d.reason for d in prepared.dead_letters)
+            clock.lap("dead_letters")
+        for table, data in prepared.writes:
+            rows = self._write(table, data)
+            if table == USAGE_TABLE:
+                report.inserted = rows
+        clock.lap("sink")
+        if prepared.quota_feed is not None:
+            prepared.quota_feed()
+            clock.lap("quota_feed")
         report.seconds = time.monotonic() - started
         self._add(report)
         return report
+
+    def _decoded_rows(
+        self, batch: ConsumedBatch, decoded: DecodedBatch, letters: list[DeadLetter]
+    ) -> tuple[pa.Table, np.ndarray, np.ndarray, np.ndarray]:
+        """The decoded rows of a batch, in log order: the fast path's, plus the rows it
+        flagged that the exact fastavro path decodes (another schema version, Confluent
+        framing), re-encoded in v1 and decoded by the fast path, so every row has the
+        same shape, payload hash and key fingerprint. Undecodable rows become dead
+        letters. Returns (table, payload hashes, key fingerprints, source rows)."""
+        ok = decoded.status == OK
+        if ok.all():
+            return decoded.table, decoded.payload_hash, decoded.key_fp, np.arange(len(ok))
+        again: list[bytes] = []
+        again_rows: list[int] = []
+        for i in np.flatnonzero(~ok):
+            try:
+                record = self.codec.decode(batch.values[i])
+                again.append(MAGIC + self.codec.fingerprint + self.codec.encode_body(record))
+            except DecodeError as exc:
+                rejection = Rejection(exc.reason, Stage.DECODE, exc.detail)
+                letters.append(dead_letter_for(batch.message(int(i)), rejection, None))
+                continue
+            except ValueError as exc:  # decoded, but does not fit v1 (a future schema)
+                rejection = Rejection(Reason.UNDECODABLE, Stage.DECODE, f"payload: {exc}")
+                letters.append(dead_letter_for(batch.message(int(i)), rejection, None))
+                continue
+            again_rows.append(int(i))
+        fast = np.flatnonzero(ok)
+        if not again:
+            return (
+                decoded.table.take(fast), decoded.payload_hash[fast], decoded.key_fp[fast], fast
+            )  # fmt: skip
+        redone = self.decoder.decode(again)
+        if not (redone.status == OK).all():  # fastavro and the fast path disagree: a bug
+            raise RuntimeError("a row fastavro decoded does not decode after re-encoding")
+        source = np.concatenate([fast, np.asarray(again_rows, dtype=np.int64)])
+        order = np.argsort(source, kind="stable")
+        table = pa.concat_tables([decoded.table.take(fast), redone.table]).take(order)
+        phash = np.concatenate([decoded.payload_hash[fast], redone.payload_hash])[order]
+        fps = np.concatenate([decoded.key_fp[fast], redone.key_fp])[order]
+        return table, phash, fps, source[order]
+
+    def _letter(
+        self, batch: ConsumedBatch, row: int, rejection: Rejection, record: dict[str, Any]
+    ) -> DeadLetter:
+        """The dead letter for source row ``row`` of a batch, with its decoded record
+        (the subscriber pseudonymised here if it is not yet)."""
+        subscriber = record.get("subscriber_id")
+        if isinstance(subscriber, str):
+            record["subscriber_id"] = pseudonymise(subscriber, self.key)
+        return dead_letter_for(batch.message(row), rejection, record)
+
+    def _above_marks(self, where: Positions) -> np.ndarray:
+        """Per row: is it above usage_events' mark of its partition (not stored yet)?"""
+        marks = self.sink.tables[USAGE_TABLE].marks
+        fresh = np.ones(len(where.offsets), dtype=bool)
+        for part in np.unique(where.partitions):
+            mark = marks.get((where.topic, int(part)))
+            if mark is not None:
+                fresh &= ~((where.partitions == part) & (where.offsets <= mark))
+        return fresh
+
+    def _rollups(
+        self, with_arrival: pa.Table, where: Positions, now: datetime
+    ) -> list[tuple[str, pa.Table]]:
+        """The rollup and correction rows of a batch's fresh events, in write order. When
+        every rollup table has stored exactly what usage_events has (always, but after a
+        crash between two of a batch's writes), hour and day come from the minute rows."""
+        parts = [(where.topic, int(p)) for p in np.unique(where.partitions)]
+        usage_marks = self.sink.tables[USAGE_TABLE].marks
+        in_step = all(
+            self.sink.tables[t].marks.get(pos) == usage_marks.get(pos)
+            for t in ROLLUP_TABLES
+            for pos in parts
+        )
+        writes: list[tuple[str, pa.Table]] = []
+        minute: pa.Table | None = None
+        for table in ROLLUP_TABLES:
+            todo = with_arrival if in_step else self.sink.tables[table].unstored(with_arrival)
+            if todo.num_rows == 0:
+                continue
+            if table == CORRECTIONS_TABLE:
+                data = corrections_table(todo, self.grace_ms, now)
+                if data.num_rows == 0:
+                    continue
+            elif in_step and minute is not None:
+                data = rollup_from_minutes(minute, table, now)
+            else:
+                data = rollup_table(todo, table, self.grace_ms, now)
+                if table == "usage_minute":
+                    minute = data
+            writes.append((table, data))
+        return writes
 
     def send_dead_letters(self, letters: list[DeadLetter]) -> None:
         """Deliver dead letters to the dead-letter topic and wait for the broker.
@@ -403,6 +634,37 @@ class Pipeline:
         """Flush the producer and release the warehouse."""
         self.dl_producer.flush(10)
         self.wh.close()
+
+
+class _StageClock:
+    """Adds the calling thread's CPU time per stage to ``totals`` (microseconds)."""
+
+    def __init__(self, totals: Counter[str]) -> None:
+        self.totals = totals
+        self.last = time.thread_time()
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.totals[stage] += int(seconds * 1e6)
+
+    def lap(self, stage: str) -> None:
+        now = time.thread_time()
+        self.totals[stage] += int((now - self.last) * 1e6)
+        self.last = now
+
+
+def _row_key(table: pa.Table, row: int) -> str:
+    """The dedup key of one row of a decoded batch."""
+    carrier = table.column("reporting_carrier")[row].as_py()
+    return f"{carrier}\x1f{table.column('event_id')[row].as_py()}"
+
+
+def _origin(where: Positions, batch: ConsumedBatch, row: int) -> int:
+    """The source row in ``batch`` of row ``row`` of a filtered batch (by position)."""
+    hit = np.flatnonzero(
+        (np.asarray(batch.partitions) == where.partitions[row])
+        & (np.asarray(batch.offsets) == where.offsets[row])
+    )
+    return int(hit[0])
 
 
 def _letter_from_rejection(msg: RawMessage, rejection: Rejection) -> DeadLetter:

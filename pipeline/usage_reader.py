@@ -50,6 +50,7 @@ class ConsumedBatch:
     partitions: list[int]
     offsets: list[int]
     timestamps: list[int]  # the broker's append time, epoch ms
+    consume_cpu_s: float = 0.0  # the reader thread's CPU time to consume it
 
     def __len__(self) -> int:
         return len(self.values)
@@ -244,8 +245,11 @@ class UsageReader(Generic[P]):
                     self._cond.wait(0.2)
                     continue
                 gen = self._gen
+            cpu = time.thread_time()
             msgs = consumer.consume(num_messages=self.batch_max, timeout=self.within_s)
             batch = batch_of(self.topic, msgs) if msgs else None
+            if batch is not None:
+                batch.consume_cpu_s = time.thread_time() - cpu
             prepared = self._prepare(batch) if batch else None
             if batch is None:
                 continue

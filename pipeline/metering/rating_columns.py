@@ -108,6 +108,24 @@ class RatedColumns:
     unpriced_detail: list[tuple[int, Unpriced]]
     out_of_range: list[tuple[int, Rating]]
 
+    def take(self, rows: npt.NDArray[np.int64]) -> RatedColumns:
+        """The rated rows ``rows`` (ascending indices), in that order."""
+        index = {int(r): i for i, r in enumerate(rows)}
+        return RatedColumns(
+            self.token_units_micro[rows],
+            self.amount_micro[rows],
+            self.list_amount_micro[rows],
+            self.billable[rows],
+            self.price_card_version.take(rows),
+            self.price_line.take(rows),
+            self.tenant_plan.take(rows),
+            self.plan_period.take(rows),
+            self.tier_usage_micro[rows],
+            self.unpriced[rows],
+            [(index[i], u) for i, u in self.unpriced_detail if i in index],
+            [(index[i], r) for i, r in self.out_of_range if i in index],
+        )
+
     def decimals(self, name: str) -> pa.Array:
         """One number column as decimal128(38, 6) values (``usage_events``' type), exact
         for every row, ``out_of_range`` ones included. ``name``: ``token_units``,

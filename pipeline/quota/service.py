@@ -71,7 +71,9 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from confluent_kafka import KafkaException
 
 from pipeline.events import pseudonymise
@@ -504,6 +506,74 @@ class QuotaService:
             s.tu += tu
             s.cny += rating.amount
             s.event_ids.append(rec["event_id"])
+        loop.call_soon_threadsafe(self._apply, singles, agg)
+
+    def on_rated_columns(self, events: pa.Table, tu_micro: Any, cny_micro: Any) -> None:
+        """``on_rated_batch`` for a stored columnar batch: ``events`` has ``tenant_id``,
+        ``subscriber_id``, ``event_time`` (epoch ms), ``event_id`` and ``partition``;
+        ``tu_micro``/``cny_micro`` (int64 numpy) are each event's billable TU and amount in
+        micro-units. Tenants with a definition get per-event items, the others one sum
+        per (tenant, partition, Beijing day), summed in integers."""
+        if events.num_rows == 0:
+            return
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError("QuotaService.start() or on_partitions_assigned() must run first")
+        tenant = events.column("tenant_id")
+        defined = self._defined_tenants
+        single = (
+            np.asarray(
+                pc.fill_null(
+                    pc.is_in(tenant, value_set=pa.array(sorted(defined), pa.string())), False
+                ).to_numpy(zero_copy_only=False),
+                dtype=bool,
+            )
+            if defined
+            else np.zeros(events.num_rows, dtype=bool)
+        )
+        singles: list[RatedItem] = []
+        for i in np.flatnonzero(single):
+            row = events.slice(int(i), 1).to_pylist()[0]
+            singles.append(
+                RatedItem(
+                    row["tenant_id"],
+                    row["subscriber_id"],
+                    int(row["event_time"]),
+                    Decimal(int(tu_micro[i])).scaleb(-6),
+                    Decimal(int(cny_micro[i])).scaleb(-6),
+                    row["event_id"],
+                    int(row["partition"]),
+                )
+            )
+        agg: _Agg = {}
+        rest = np.flatnonzero(~single)
+        if rest.size:
+            ms = np.asarray(events.column("event_time").to_numpy(), dtype=np.int64)[rest]
+            days = (ms + _BEIJING_MS) // _DAY_MS
+            work = pa.table(
+                {
+                    "tenant": tenant.take(rest),
+                    "partition": events.column("partition").take(rest),
+                    "day": pa.array(days),
+                    "tu": pa.array(tu_micro[rest]),
+                    "cny": pa.array(cny_micro[rest]),
+                    "event_id": events.column("event_id").take(rest),
+                }
+            )
+            grouped = work.group_by(["tenant", "partition", "day"], use_threads=False).aggregate(
+                [("tu", "sum"), ("cny", "sum"), ("event_id", "list"), ("day", "min")]
+            )
+            day_ms = {int(d): int(m) for d, m in zip(days, ms, strict=True)}
+            for t, p, d, tu, cny, ids in zip(
+                *(
+                    grouped.column(c).to_pylist()
+                    for c in ("tenant", "partition", "day", "tu_sum", "cny_sum", "event_id_list")
+                ),
+                strict=True,
+            ):
+                agg[(t, int(p), self._day(day_ms[int(d)]))] = _DaySum(
+                    Decimal(tu).scaleb(-6), Decimal(cny).scaleb(-6), ids
+                )
         loop.call_soon_threadsafe(self._apply, singles, agg)
 
     def _apply(self, singles: list[RatedItem], agg: _Agg) -> None:
