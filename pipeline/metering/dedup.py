@@ -150,6 +150,23 @@ def _view(arr: np.ndarray, fmt: Literal["Q", "q", "I"]) -> memoryview:
 _FP, _PH, _POS, _TS = np.uint64, np.int64, np.uint64, np.uint32
 
 
+def _group(fp: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows grouped by fingerprint: (order, fingerprints in that order, first of its
+    group), each group's rows in their original order. Like a stable argsort, but the
+    quick one plus a fix-up of the (few) repeated fingerprints, several times faster."""
+    order = np.argsort(fp)
+    sfp = fp[order]
+    lead = np.empty(len(fp), bool)
+    lead[:1] = True
+    np.not_equal(sfp[1:], sfp[:-1], out=lead[1:])
+    repeated = ~lead
+    repeated[:-1] |= ~lead[1:]  # the first row of a group of several, too
+    rows = np.flatnonzero(repeated)
+    if len(rows):
+        order[rows] = order[rows][np.lexsort((order[rows], sfp[rows]))]
+    return order, sfp, lead
+
+
 def _gather(chunks: list[np.ndarray], idx: np.ndarray) -> np.ndarray:
     """``column[idx]`` for a delta column held as chunks, without joining the chunks
     when only a few of them are read."""
@@ -341,12 +358,8 @@ class DedupIndex:
         out = np.zeros(n, np.uint8)
         if not n:
             return out
-        # group the rows by fingerprint, each group in batch order (stable sort)
-        order = np.argsort(fp, kind="stable")
-        sfp = fp[order]
-        lead = np.empty(n, bool)
-        lead[0] = True
-        np.not_equal(sfp[1:], sfp[:-1], out=lead[1:])
+        # group the rows by fingerprint, each group in batch order
+        order, sfp, lead = _group(fp)
         group = np.cumsum(lead) - 1
         lead_rows = order[lead]
         held, ref_ph, ref_pos, scalar = self._lookup_many(sfp[lead])
@@ -740,11 +753,9 @@ class DedupIndex:
                 self._build_probe_table()
                 return
             free = np.flatnonzero(sp[at] == _EMPTY)
-            _slots, first = np.unique(at[free], return_index=True)
-            won = free[first]
-            sp[at[won]] = idx[won]
+            sp[at[free]] = idx[free]  # of several writers to a slot, one is left there
             rest = np.ones(len(at), bool)
-            rest[won] = False
+            rest[free[sp[at[free]] == idx[free]]] = False
             at, idx = at[rest] + 1, idx[rest]
 
     def _new_chunk(self) -> None:
@@ -789,12 +800,13 @@ class DedupIndex:
         """Rebuild the delta's probe table from the chunks (load 1/4 to 1/2), vectorised:
         entries sorted by home slot take the first free slot at or after it."""
         fp, _ph, pos, _ts = self._delta_columns()
-        live = np.flatnonzero(pos != np.uint64(_DEAD)).astype(np.uint32)
+        live = np.flatnonzero(pos != np.uint64(_DEAD)).astype(np.uint64)
         bits = max(_MIN_PROBE_BITS, (2 * len(live)).bit_length())
-        order = np.argsort(fp[live], kind="stable")
-        idx = live[order]
         while True:
-            homes = (fp[idx] >> np.uint64(64 - bits)).astype(np.int64)
+            # sorted by home slot: one sort of (home, index) packed in a word (bits <= 32)
+            word = np.sort((fp[live] >> np.uint64(64 - bits) << np.uint64(32)) | live)
+            homes = (word >> np.uint64(32)).astype(np.int64)
+            idx = (word & np.uint64(0xFFFF_FFFF)).astype(np.uint32)
             if self._set_probe_table(bits, homes, idx):
                 return
             bits += 1
@@ -861,7 +873,7 @@ class DedupIndex:
         """Insert sorted-or-not new entries into the main store (one pass over it)."""
         if not len(fp):
             return
-        order = np.argsort(fp, kind="stable")
+        order = np.argsort(fp)  # entries of one fingerprint: any order (module docstring)
         fp, ph, pos, ts = fp[order], ph[order], pos[order], ts[order]
         old = [self._mfp, self._mph, self._mpos, self._mts]
         for v in (self._mfpv, self._mphv, self._mposv):
