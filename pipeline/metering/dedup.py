@@ -94,6 +94,7 @@ _MIN_PROBE_BITS = 12
 _MIN_DIR_BITS = 8
 _BUCKET = 16  # the directory keeps main-store buckets at 8 to 16 keys
 _DELTA_SHARE = 6  # merge when the delta holds a sixth of the main store
+_FEW_WALKS = 32  # probe-table walks left to finish one by one in Python
 
 
 class Decision(IntEnum):
@@ -570,7 +571,7 @@ class DedupIndex:
         scalar = np.zeros(k, bool)
         nm = len(self._mfp)
         if nm:
-            lo = np.searchsorted(self._mfp, fps)
+            lo = self._lower_bound(fps)
             at = np.minimum(lo, nm - 1)
             hit = self._mfp[at] == fps
             scalar |= hit & (self._mfp[np.minimum(lo + 1, nm - 1)] == fps) & (lo + 1 < nm)
@@ -593,6 +594,30 @@ class DedupIndex:
             scalar |= np.isin(fps, np.fromiter(self._multi, _FP, len(self._multi)))
         return live > 0, ref_ph, ref_pos, scalar
 
+    def _lower_bound(self, fps: np.ndarray) -> np.ndarray:
+        """``np.searchsorted(main fingerprints, fps)``, via the directory: each key starts
+        where its bucket's range puts it (fingerprints are uniform) and walks the few
+        steps to its place, so it touches about one cache line instead of ~20."""
+        j = (fps >> np.uint64(self._dshift)).astype(np.intp)
+        lo = self._dir[j].astype(np.intp)
+        hi = self._dir[j + 1].astype(np.intp)
+        if not len(fps) or int((hi - lo).max()) > 8 * _BUCKET:  # skewed (tests' tiny ones)
+            return np.searchsorted(self._mfp, fps)
+        mfp = self._mfp
+        frac = (fps & np.uint64((1 << self._dshift) - 1)).astype(np.float64)
+        k = lo + (frac * (1.0 / (1 << self._dshift)) * (hi - lo)).astype(np.intp)
+        act = np.flatnonzero(k > lo)
+        while len(act):  # left while the one before is not smaller
+            act = act[mfp[k[act] - 1] >= fps[act]]
+            k[act] -= 1
+            act = act[k[act] > lo[act]]
+        act = np.flatnonzero(k < hi)
+        while len(act):  # right while this one is smaller
+            act = act[mfp[k[act]] < fps[act]]
+            k[act] += 1
+            act = act[k[act] < hi[act]]
+        return k
+
     def _probe_many(self, fps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Every delta entry with one of ``fps``: (index into ``fps``, delta index), found
         by walking the probe table for all of them at once."""
@@ -600,8 +625,8 @@ class DedupIndex:
         sp = self._sp
         todo = np.arange(len(fps))
         at = (fps >> np.uint64(self._sshift)).astype(np.intp)
-        found_rows, found_slots = [], []
-        while len(todo):
+        found_rows, found_slots = [np.empty(0, np.intp)], [np.empty(0, np.uint32)]
+        while len(todo) > _FEW_WALKS:
             slot = sp[at]
             busy = slot != _EMPTY
             todo, at, slot = todo[busy], at[busy], slot[busy]
@@ -610,8 +635,21 @@ class DedupIndex:
                 found_rows.append(todo[match])
                 found_slots.append(slot[match])
             at += 1
-        if not found_rows:
-            return np.empty(0, np.intp), np.empty(0, np.uint32)
+        # the few longest walks one by one: cheaper than a dozen more rounds of numpy calls
+        spv, dfpv = self._spv, self._dfpv
+        rows, slots = [], []
+        for row, home in zip(todo.tolist(), at.tolist(), strict=True):
+            f = int(fps[row])
+            i = home
+            slot = spv[i]
+            while slot != _EMPTY:
+                if dfpv[slot >> _CHUNK_BITS][slot & _CHUNK_MASK] == f:
+                    rows.append(row)
+                    slots.append(slot)
+                i += 1
+                slot = spv[i]
+        found_rows.append(np.array(rows, np.intp))
+        found_slots.append(np.array(slots, np.uint32))
         return np.concatenate(found_rows), np.concatenate(found_slots)
 
     def _add_fp(
