@@ -17,7 +17,8 @@ build), ``dup`` = ``check`` of a held key at another position (the duplicate pat
 from the warehouse), then ``check_many`` runs on batches of ``--batches`` rows (CPU time
 of the call only, per event): ``live_us`` = live-shaped batches (99 % new keys, 1 % exact
 copies of held keys at other positions; the delta's growth, probe-table rebuilds and
-merges included, over ``MANY_EVENTS`` events), ``dup_us`` = batches of copies of held
+merges included, over ``MANY_EVENTS`` events; ``live_merge_us`` is the merges' share),
+``dup_us`` = batches of copies of held
 keys, ``replay_us`` = held events replayed at their own positions (a restart from an
 old offset), ``conflict_us`` = held keys with other content and no ``verify`` (each
 such row with ``verify`` set also costs one ``verify`` call).
@@ -192,7 +193,17 @@ def measure_many(n: int, batch: int) -> dict[str, Any]:
     out["dup_us"] = run(lambda: held_rows(True, False), 200_000)
     out["replay_us"] = run(lambda: held_rows(False, False), 200_000)
     out["conflict_us"] = run(lambda: held_rows(True, True), 200_000)
+    merging = [0.0]
+    merge = DedupIndex._merge
+
+    def timed_merge(self: DedupIndex) -> None:
+        started = time.process_time()
+        merge(self)
+        merging[0] += time.process_time() - started
+
+    DedupIndex._merge = timed_merge  # type: ignore[method-assign]
     out["live_us"] = run(live, MANY_EVENTS)
+    out["live_merge_us"] = round(1e6 * merging[0] / (MANY_EVENTS // batch * batch), 3)
     out["nbytes_per_key"] = round(index.nbytes / len(index), 1)
     return out
 
