@@ -47,8 +47,10 @@ A decision depends only on the live entries with the event's fingerprint, never 
 they sit (delta or main store) or in which order: the fast paths answer from the first
 entry found only while a fingerprint has at most one live entry, and the fingerprints
 that hold several (verified collisions) are kept in a small set and always go through
-the full resolution above. So merges never change an answer, and a batch may be decided
-in any order that keeps the order of the events of one fingerprint.
+the full resolution above. (With a real log, where a position always holds the same
+content, the first entry could not mislead anyway; the set makes it hold for any input.)
+So merges never change an answer, and a batch may be decided in any order that keeps
+the order of the events of one fingerprint.
 
 Batches. ``check_many`` decides a whole batch with a few numpy passes (one sort of the
 batch's fingerprints, one ``searchsorted`` in the main store, a vectorised walk of the

@@ -35,7 +35,12 @@ class Twins:
     reference when ``verify`` is on); every answer is compared."""
 
     def __init__(
-        self, fingerprint: Callable[[str], int], *, verify: bool = True, delta_min: int = 64
+        self,
+        fingerprint: Callable[[str], int],
+        *,
+        verify: bool = True,
+        delta_min: int = 64,
+        reference: bool = True,
     ) -> None:
         self.fp = fingerprint
         self.at: dict[tuple[int, int], str] = {}  # the log: position -> key
@@ -44,10 +49,15 @@ class Twins:
         def check_log(key: str, pos: tuple[int, int]) -> bool:
             return self.at.get(pos) == key
 
-        kw = {"verify": check_log if verify else None, "fingerprint": fingerprint}
-        self.seq = DedupIndex(delta_min=delta_min, **kw)  # type: ignore[arg-type]
-        self.bulk = DedupIndex(delta_min=delta_min, **kw)  # type: ignore[arg-type]
-        self.ref = Reference() if verify else None
+        self.seq, self.bulk = (
+            DedupIndex(
+                verify=check_log if verify else None, fingerprint=fingerprint, delta_min=delta_min
+            )
+            for _ in range(2)
+        )
+        # the dict decides like the index only when verify resolves every collision and
+        # a position always holds the same content (as in a Kafka log)
+        self.ref = Reference() if verify and reference else None
         self.messages: list[Msg] = []
 
     def fps(self, keys: list[str]) -> np.ndarray:
@@ -167,7 +177,7 @@ def random_history(
     while done < rows:
         batch: list[Msg] = []
 
-        def earlier() -> Msg:  # a message of an earlier batch or of this one
+        def earlier(batch: list[Msg] = batch) -> Msg:  # of an earlier batch or of this one
             i = rng.randrange(len(twins.messages) + len(batch))
             return twins.messages[i] if i < len(twins.messages) else batch[i - len(twins.messages)]
 
@@ -243,14 +253,24 @@ BATCHES = st.lists(
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(batches=BATCHES, buckets=st.sampled_from([1, 3, 1 << 62]), verify=st.booleans())
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    batches=BATCHES,
+    buckets=st.sampled_from([1, 3, 1 << 62]),
+    verify=st.booleans(),
+    rewrite=st.booleans(),
+)
 def test_any_batches_decide_like_check(
-    batches: list[tuple[list[tuple[int, int, int]], str]], buckets: int, verify: bool
+    batches: list[tuple[list[tuple[int, int, int]], str]],
+    buckets: int,
+    verify: bool,
+    rewrite: bool,
 ) -> None:
     """Rows: (key, content, what): what 0-5 a new position, 6-7 a replay of an earlier
-    message at its own position, 8-9 a copy of the key with another content."""
-    twins = Twins(tiny(buckets), verify=verify, delta_min=4)
+    message at its own position, 8-9 a copy of the key with another content, at a new
+    position or (``rewrite``: input no Kafka log can produce) at the earlier one's with
+    some other message's payload hash."""
+    twins = Twins(tiny(buckets), verify=verify, delta_min=4, reference=not rewrite)
     offset = 0
     horizon = T
     for rows, between in batches:
@@ -264,7 +284,11 @@ def test_any_batches_decide_like_check(
                 if what <= 7:
                     batch.append(old)
                 else:
-                    batch.append((old[0], payload_hash(old[0], 9), 0, offset, old[4]))
+                    if rewrite:  # its position, with the content of another message
+                        ph = pool[(k * 3 + content) % len(pool)][1]
+                        batch.append((old[0], ph, old[2], old[3], old[4]))
+                    else:
+                        batch.append((old[0], payload_hash(old[0], 9), 0, offset, old[4]))
             else:
                 batch.append((key, payload_hash(key, content), k % 2, offset, T + 1000 * k))
         twins.batch(batch)
