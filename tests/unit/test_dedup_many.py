@@ -404,3 +404,21 @@ def test_memory_stays_about_thirty_bytes_a_key_when_filled_by_batches() -> None:
         assert not got.any()  # all new
     assert len(index) == n
     assert index.nbytes / n <= 32
+
+
+def test_forget_fp_drops_the_entry_at_its_position_or_the_verified_key() -> None:
+    log = {(0, 1): "a", (0, 2): "b"}
+    index = DedupIndex(fingerprint=tiny(1), verify=lambda key, pos: log.get(pos) == key)
+    fps = np.zeros(2, np.uint64)  # one fingerprint for both keys
+    cols = (np.array([1, 2]), np.zeros(2, np.int64), np.array([1, 2]), np.full(2, T))
+    got = index.check_many(fps, *cols, keys=["a", "b"].__getitem__)
+    assert got.tolist() == [Decision.NEW, Decision.NEW]  # verify: two keys
+    with pytest.raises(ValueError, match="key"):
+        index.forget_fp(0)  # which of the two? verify needs the key
+    index.forget_fp(0, 0, 2)
+    assert len(index) == 1
+    index.forget_fp(0, key="a")
+    assert len(index) == 0
+    again = index.check_many(fps, *cols, keys=["a", "b"].__getitem__)
+    assert again.tolist() == [Decision.NEW, Decision.NEW]
+    assert len(index) == 2
