@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
 from typing import Any
 
+import psutil
 import pytest
 
 from tests.integration.harness import Harness
@@ -108,6 +110,47 @@ def test_query_limits_hold_and_ingestion_goes_on(harness: Harness) -> None:
     assert heavy.poll() is None  # the events landed while the query ran
     out, _ = heavy.communicate(timeout=MAX_SECONDS + 30)
     assert heavy.returncode == 2 and "TOKENMETER_QUERY_MAX_SECONDS" in out
+    assert harness.stop_worker() == 0
+
+
+def faust_port(h: Harness) -> int:
+    """The private port of the worker's faust pages (the public one is the quota
+    server's, which forwards to it)."""
+    assert h.worker is not None
+    ports = {
+        c.laddr.port
+        for c in psutil.Process(h.worker.pid).net_connections(kind="tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr.ip == "127.0.0.1"
+    }
+    ports.discard(h.port)
+    assert len(ports) == 1, ports
+    return ports.pop()
+
+
+def running_heavy_queries(h: Harness) -> int:
+    return int(
+        h.scalar(
+            "SELECT count() FROM system.processes "
+            "WHERE query LIKE '%sipHash64%' AND query NOT LIKE '%system.processes%'"
+        )
+    )
+
+
+def test_a_query_whose_client_goes_away_is_cancelled(harness: Harness) -> None:
+    harness.start_worker()  # the default limit: 60 s
+    body = json.dumps({"sql": HEAVY}).encode()
+    with socket.create_connection(("127.0.0.1", faust_port(harness))) as client:
+        client.sendall(
+            b"POST /v1/query HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        time.sleep(3)
+        assert running_heavy_queries(harness) == 1
+    gone = time.monotonic()
+    while running_heavy_queries(harness):
+        assert time.monotonic() - gone < 10, "the query runs on after its client left"
+        time.sleep(0.3)
     assert harness.stop_worker() == 0
 
 
