@@ -37,12 +37,12 @@ class QueryLimitError(WarehouseError):
 
 
 # The engine's error names for the limits in QueryLimits.engine_settings, and the
-# setting that raises each one. TOO_MANY_ROWS_OR_BYTES is the result's limit; the
-# engine's own text says whether rows or bytes.
+# setting that raises each one. TOO_MANY_ROWS_OR_BYTES is the result's limit (rows or
+# bytes: the engine's text says which, "max rows" / "max bytes").
 _LIMIT_ERRORS = {
     "TIMEOUT_EXCEEDED": "TOKENMETER_QUERY_MAX_SECONDS",
     "MEMORY_LIMIT_EXCEEDED": "TOKENMETER_QUERY_MAX_MEMORY",
-    "TOO_MANY_ROWS_OR_BYTES": "TOKENMETER_QUERY_MAX_RESULT_ROWS / _MAX_RESULT_BYTES",
+    "TOO_MANY_ROWS_OR_BYTES": "TOKENMETER_QUERY_MAX_RESULT_ROWS",
     "TOO_MANY_ROWS": "TOKENMETER_QUERY_MAX_ROWS_TO_READ",
     "TOO_MANY_BYTES": "TOKENMETER_QUERY_MAX_BYTES_TO_READ",
 }
@@ -55,7 +55,9 @@ def readonly_error(message: str) -> WarehouseError:
     line = message.strip().split("\n", 1)[0][:500]
     for name, setting in _LIMIT_ERRORS.items():
         if f"({name})" in line:
-            return QueryLimitError(f"query limit exceeded ({setting}): {line}")
+            bytes_over = name == "TOO_MANY_ROWS_OR_BYTES" and "max bytes" in line
+            named = "TOKENMETER_QUERY_MAX_RESULT_BYTES" if bytes_over else setting
+            return QueryLimitError(f"query limit exceeded ({named}): {line}")
     if "(QUERY_WAS_CANCELLED)" in line:
         return QueryLimitError(
             "query cancelled (its client went away, its time was up, or the worker is stopping)"

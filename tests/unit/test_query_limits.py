@@ -22,7 +22,7 @@ from pipeline.warehouse import QueryLimitError, Warehouse, WarehouseError
 from pipeline.warehouse.embedded import EmbeddedWarehouse
 from pipeline.warehouse.server import ServerWarehouse
 
-LIMITS = QueryLimits(seconds=3, memory=64 * 1024**2, result_rows=1000)
+LIMITS = QueryLimits(seconds=3, memory=64 * 1024**2, result_rows=1000, result_bytes=100_000)
 HEAVY = "SELECT count() FROM numbers(1000000000) WHERE sipHash64(number) % 7 = 3"
 
 
@@ -86,8 +86,13 @@ def test_a_query_that_never_ends_stops_at_the_time_limit(limited: Any) -> None:
 
 def test_too_many_rows_memory_or_reading_is_a_clear_error(limited: Any) -> None:
     assert limited.query_readonly("SELECT number FROM numbers(1000)").num_rows == 1000
-    with pytest.raises(QueryLimitError, match="MAX_RESULT_ROWS"):
+    with pytest.raises(QueryLimitError, match="TOKENMETER_QUERY_MAX_RESULT_ROWS"):
         limited.query_readonly("SELECT number FROM numbers(200000)")
+    with pytest.raises(QueryLimitError, match="TOKENMETER_QUERY_MAX_RESULT_BYTES"):
+        limited.query_readonly(
+            "SELECT randomPrintableASCII(1000) AS s FROM numbers(300) UNION ALL "
+            "SELECT randomPrintableASCII(1000) AS s FROM numbers(300)"
+        )
     with pytest.raises(QueryLimitError, match="TOKENMETER_QUERY_MAX_MEMORY"):
         limited.query_readonly(
             "SELECT count() FROM (SELECT number, groupArray(number) FROM numbers(20000000) "
