@@ -159,6 +159,10 @@ def test_sigterm_during_a_long_query_stops_the_worker(harness: Harness) -> None:
     heavy = harness.spawn_cli("sql", HEAVY)
     time.sleep(3)
     assert heavy.poll() is None, heavy.communicate()
+    # meanwhile the worker consumes and commits: `tokenmeter wait` sees it catch up
+    harness.cli("simulate", "--events", "20", "--seed", "6")
+    harness.cli("wait", "--idle", "1", "--timeout", "30")
+    assert heavy.poll() is None, heavy.communicate()
     assert harness.worker is not None
     stopping = time.monotonic()
     harness.worker.send_signal(signal.SIGTERM)
