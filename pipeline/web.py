@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import decimal
 import json
@@ -154,5 +155,8 @@ async def _run_query(worker: Worker, request: Request, sql: str) -> Any:
                 await loop.run_in_executor(None, wh.cancel_readonly, query_id)
                 return await future  # raises QueryLimitError ("cancelled")
     except asyncio.CancelledError:
-        await loop.run_in_executor(None, wh.cancel_readonly, query_id)
+        # the loop may be closing (its executor refuses work): the worker's close then
+        # kills every query still running
+        with contextlib.suppress(RuntimeError, WarehouseError):
+            await loop.run_in_executor(None, wh.cancel_readonly, query_id)
         raise
