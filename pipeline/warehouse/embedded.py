@@ -12,8 +12,9 @@ an insert nor an insert for it (measured, chdb 4.4: an insert during a 9 s query
 took 50 ms on a second session, 8.8 s on the same one), and a failed query cannot
 leave its partial output in the pipeline's session (chdb returns a failed query's
 unread output with the next result of the same session). A query is stopped with
-``KILL QUERY`` from yet another session, found by a tag comment at the start of its
-text; a stuck ``StreamingResult.cancel()`` waits for the query instead.
+``KILL QUERY`` from yet another session (0.1 s), found by a tag comment at the start
+of its text: chdb's ``StreamingResult.cancel()`` does not interrupt a running query
+(it returned when the query ended, 29 s later) and left its session unusable.
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ _CLOSE_WAIT_S = 10.0
 
 
 class EmbeddedWarehouse:
-    """chdb on ``path``. Thread-safe: calls are serialised by a lock, because one chdb
-    session is one connection."""
+    """chdb on ``path``. Thread-safe: the pipeline's calls are serialised by a lock on
+    its one session; analysts' queries (``query_readonly``) each run on a session of
+    their own under ``limits``, beside them."""
 
     kind = "embedded"
 
