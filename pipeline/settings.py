@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +22,37 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 class SettingsError(Exception):
     """A configuration value is wrong; the message names the setting."""
+
+
+@dataclass(frozen=True)
+class QueryLimits:
+    """What one analyst query may use (``TOKENMETER_QUERY_MAX_*``; the defaults are the
+    settings' defaults). ``engine_settings`` gives them as ClickHouse settings."""
+
+    seconds: float = 60.0
+    memory: int = 2 * 1024**3
+    result_rows: int = 1_000_000
+    result_bytes: int = 256 * 1024**2
+    rows_to_read: int = 10_000_000_000
+    bytes_to_read: int = 1024**4
+
+    def engine_settings(self) -> dict[str, int | float | str]:
+        """ClickHouse settings, in the order to apply them; ``readonly`` comes last, so
+        that once it is on, nothing (the analyst's own SETTINGS clause included) can
+        change the limits before it. Overflow modes are "throw": a query over a limit
+        fails with the engine's error instead of returning a silently cut result."""
+        return {
+            "max_execution_time": self.seconds,
+            "timeout_overflow_mode": "throw",
+            "max_memory_usage": self.memory,
+            "max_result_rows": self.result_rows,
+            "max_result_bytes": self.result_bytes,
+            "result_overflow_mode": "throw",
+            "max_rows_to_read": self.rows_to_read,
+            "max_bytes_to_read": self.bytes_to_read,
+            "read_overflow_mode": "throw",
+            "readonly": 1,
+        }
 
 
 class Settings(BaseSettings):
@@ -90,6 +122,15 @@ class Settings(BaseSettings):
     # security
     pseudonym_key: SecretStr | None = None
 
+    # an analyst's read-only query (`tokenmeter sql`, POST /v1/query): limits the server
+    # sets on the engine before it turns readonly on, so the query cannot lift them
+    query_max_seconds: float = Field(default=60.0, gt=0, le=86_400)
+    query_max_memory: int = Field(default=2 * 1024**3, ge=16 * 1024**2)  # bytes
+    query_max_result_rows: int = Field(default=1_000_000, ge=1)
+    query_max_result_bytes: int = Field(default=256 * 1024**2, ge=1024)
+    query_max_rows_to_read: int = Field(default=10_000_000_000, ge=1)
+    query_max_bytes_to_read: int = Field(default=1024**4, ge=1024)  # 1 TiB
+
     @model_validator(mode="after")
     def _registry_for_confluent(self) -> Settings:
         if self.wire_format == "confluent" and not self.schema_registry_url:
@@ -123,6 +164,17 @@ class Settings(BaseSettings):
     @property
     def web_url(self) -> str:
         return f"http://{self.web_host}:{self.web_port}"
+
+    def query_limits(self) -> QueryLimits:
+        """The ``TOKENMETER_QUERY_MAX_*`` settings as the warehouse applies them."""
+        return QueryLimits(
+            seconds=self.query_max_seconds,
+            memory=self.query_max_memory,
+            result_rows=self.query_max_result_rows,
+            result_bytes=self.query_max_result_bytes,
+            rows_to_read=self.query_max_rows_to_read,
+            bytes_to_read=self.query_max_bytes_to_read,
+        )
 
     def registry_client(self) -> Any:
         """A Schema Registry client for ``schema_registry_url`` (``mock://`` in tests)."""

@@ -5,16 +5,21 @@
 - ``POST /v1/query`` ``{"sql": "..."}``: a read-only query of the warehouse, answered
   as ``{"columns": [...], "rows": [[...], ...]}``. This is how ``tokenmeter sql``
   reaches the embedded warehouse while the worker holds it; the engine enforces
-  ``readonly=1``.
+  ``readonly=1`` and the ``TOKENMETER_QUERY_MAX_*`` limits (over one: 400 naming the
+  setting). The query runs beside the pipeline, never holding its inserts, and is
+  cancelled when its client goes away or the worker stops. Its text is never logged.
 - ``GET  /metrics``: Prometheus metrics (``pipeline/metrics.py``), text format.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import decimal
 import json
+import logging
+import uuid
 from typing import TYPE_CHECKING, Any
 
 import faust
@@ -24,6 +29,10 @@ from pipeline.warehouse import WarehouseError
 
 if TYPE_CHECKING:
     from pipeline.app import Worker
+
+log = logging.getLogger("tokenmeter.web")
+# how often a running query checks that its client is still connected
+_DISCONNECT_POLL_S = 0.25
 
 
 def json_value(value: Any) -> Any:
@@ -85,18 +94,26 @@ def register_pages(app: faust.App, worker: Worker) -> None:
             if not isinstance(sql, str) or not sql.strip():
                 return self.error(400, 'body must be JSON: {"sql": "SELECT ..."}')
             try:
-                # Not on the pipeline thread: a query waits for one chdb call at most,
-                # never for a whole batch (the warehouse serialises calls itself).
-                loop = asyncio.get_running_loop()
-                table = await loop.run_in_executor(None, worker.pipeline.wh.query_readonly, sql)
+                table = await _run_query(worker, request, sql)
             except WarehouseError as exc:
                 return self.error(400, str(exc))
-            payload = {
-                "columns": table.column_names,
-                "types": [str(t) for t in table.schema.types],
-                "rows": [list(r.values()) for r in table.to_pylist()],
-            }
-            return self.text(dumps(payload), content_type="application/json")
+            except Exception as exc:  # noqa: BLE001 - never a traceback with the SQL in the log
+                log.error("query failed: %s", type(exc).__name__)
+                return self.error(500, f"the query failed ({type(exc).__name__})")
+            # off the event loop: a result of up to TOKENMETER_QUERY_MAX_RESULT_ROWS rows
+            # takes seconds to turn into JSON
+            loop = asyncio.get_running_loop()
+            text = await loop.run_in_executor(None, _render, table)
+            return self.text(text, content_type="application/json")
+
+    @app.on_before_shutdown.connect
+    async def stop_queries(sender: Any, /, *args: Any, signal: Any = None, **kwargs: Any) -> None:
+        # Stopping: end the analysts' queries now, not when their time is up (faust
+        # waits for the web handlers before the worker can exit).
+        if worker._pipeline is not None:
+            await asyncio.get_running_loop().run_in_executor(
+                None, worker._pipeline.wh.cancel_readonly
+            )
 
     @app.page("/metrics")
     class Metrics(View):
@@ -108,3 +125,40 @@ def register_pages(app: faust.App, worker: Worker) -> None:
             # the metrics thread), so it is safe on the event loop.
             body, content_type = metrics.render(request.headers.get("Accept", ""))
             return self.bytes(body, headers={"Content-Type": content_type})
+
+
+def _render(table: Any) -> str:
+    """An Arrow result as the endpoint's JSON text."""
+    payload = {
+        "columns": table.column_names,
+        "types": [str(t) for t in table.schema.types],
+        "rows": [list(r.values()) for r in table.to_pylist()],
+    }
+    return dumps(payload)
+
+
+async def _run_query(worker: Worker, request: Request, sql: str) -> Any:
+    """Run ``sql`` read-only on a thread of the loop's default executor (never the
+    pipeline thread: the warehouse runs analysts' queries beside its inserts), and
+    cancel it in the engine when the client's connection closes or this handler is
+    cancelled. Returns the Arrow result; raises ``WarehouseError``."""
+    wh = worker.pipeline.wh
+    query_id = uuid.uuid4().hex
+    loop = asyncio.get_running_loop()
+    future = loop.run_in_executor(None, wh.query_readonly, sql, query_id)
+    try:
+        while True:
+            done, _ = await asyncio.wait({future}, timeout=_DISCONNECT_POLL_S)
+            if done:
+                return future.result()
+            # faust's aiohttp driver hands the view aiohttp's request, which has it
+            transport = getattr(request, "transport", None)
+            if transport is None or transport.is_closing():
+                await loop.run_in_executor(None, wh.cancel_readonly, query_id)
+                return await future  # raises QueryLimitError ("cancelled")
+    except asyncio.CancelledError:
+        # the loop may be closing (its executor refuses work): the worker's close then
+        # kills every query still running
+        with contextlib.suppress(RuntimeError, WarehouseError):
+            await loop.run_in_executor(None, wh.cancel_readonly, query_id)
+        raise

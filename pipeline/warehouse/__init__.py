@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pipeline.settings import Settings
 from pipeline.warehouse.base import (
+    QueryLimitError,
     ReadOnlyViolationError,
     Warehouse,
     WarehouseError,
@@ -14,6 +15,7 @@ from pipeline.warehouse.base import (
 from pipeline.warehouse.migrations import apply_migrations
 
 __all__ = [
+    "QueryLimitError",
     "ReadOnlyViolationError",
     "Warehouse",
     "WarehouseError",
@@ -34,11 +36,11 @@ def open_warehouse(settings: Settings, migrate: bool = True) -> Warehouse:
     if url:
         from pipeline.warehouse.server import ServerWarehouse
 
-        wh = ServerWarehouse(url)
+        wh = ServerWarehouse(url, limits=settings.query_limits())
     else:
         from pipeline.warehouse.embedded import EmbeddedWarehouse
 
-        wh = EmbeddedWarehouse(settings.warehouse_path)
+        wh = EmbeddedWarehouse(settings.warehouse_path, settings.query_limits())
     if settings.fault_file is not None:
         from pipeline.warehouse.faults import FaultSwitchWarehouse
 

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import io
 import re
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 import pyarrow as pa
@@ -27,6 +31,40 @@ class ReadOnlyViolationError(WarehouseError):
     """A statement given to a read-only entry point would change something."""
 
 
+class QueryLimitError(WarehouseError):
+    """An analyst's query went over one of the ``TOKENMETER_QUERY_MAX_*`` limits, or was
+    cancelled (its client went away, the worker is stopping)."""
+
+
+# The engine's error names for the limits in QueryLimits.engine_settings, and the
+# setting that raises each one. TOO_MANY_ROWS_OR_BYTES is the result's limit (rows or
+# bytes: the engine's text says which, "max rows" / "max bytes").
+_LIMIT_ERRORS = {
+    "TIMEOUT_EXCEEDED": "TOKENMETER_QUERY_MAX_SECONDS",
+    "MEMORY_LIMIT_EXCEEDED": "TOKENMETER_QUERY_MAX_MEMORY",
+    "TOO_MANY_ROWS_OR_BYTES": "TOKENMETER_QUERY_MAX_RESULT_ROWS",
+    "TOO_MANY_ROWS": "TOKENMETER_QUERY_MAX_ROWS_TO_READ",
+    "TOO_MANY_BYTES": "TOKENMETER_QUERY_MAX_BYTES_TO_READ",
+}
+
+
+def readonly_error(message: str) -> WarehouseError:
+    """The error to give an analyst for the engine's ``message`` (its first line): a
+    ``QueryLimitError`` that names the setting when a limit stopped the query, or when
+    it was cancelled; otherwise the engine's message as a ``WarehouseError``."""
+    line = message.strip().split("\n", 1)[0][:500]
+    for name, setting in _LIMIT_ERRORS.items():
+        if f"({name})" in line:
+            bytes_over = name == "TOO_MANY_ROWS_OR_BYTES" and "max bytes" in line
+            named = "TOKENMETER_QUERY_MAX_RESULT_BYTES" if bytes_over else setting
+            return QueryLimitError(f"query limit exceeded ({named}): {line}")
+    if "(QUERY_WAS_CANCELLED)" in line:
+        return QueryLimitError(
+            "query cancelled (its client went away, its time was up, or the worker is stopping)"
+        )
+    return WarehouseError(line)
+
+
 class Warehouse(Protocol):
     """What the pipeline and the jobs need from ClickHouse."""
 
@@ -41,9 +79,18 @@ class Warehouse(Protocol):
         """Run a query and return its result as an Arrow table."""
         ...
 
-    def query_readonly(self, sql: str) -> pa.Table:
-        """Run an analyst's statement with ClickHouse's ``readonly=1``; writes are refused
-        by the engine itself, not by string matching."""
+    def query_readonly(self, sql: str, query_id: str | None = None) -> pa.Table:
+        """Run an analyst's statement with ClickHouse's ``readonly=1`` and the
+        ``TOKENMETER_QUERY_MAX_*`` limits set before it (so the statement cannot lift
+        them); writes are refused by the engine itself, not by string matching. Never
+        waits for the pipeline's inserts, nor they for it. ``query_id`` names the query
+        for ``cancel_readonly``. Raises ``QueryLimitError`` over a limit."""
+        ...
+
+    def cancel_readonly(self, query_id: str | None = None) -> None:
+        """Stop the analyst query ``query_id`` (every one running, when None); it then
+        raises ``QueryLimitError``. Returns at once; a query that already ended is
+        ignored."""
         ...
 
     def insert_arrow(self, table: str, data: pa.Table, dedup_token: str | None = None) -> int:
@@ -113,13 +160,145 @@ _TRAILING = re.compile(r"[\s;]+$")
 
 
 def strip_statement(sql: str) -> str:
-    """Drop trailing semicolons and blanks; refuse an empty statement. (Several
+    """Drop trailing semicolons and blanks; refuse an empty statement, and text that
+    cannot be UTF-8 (the engine's input) with a message, not a traceback. (Several
     statements at once are refused by the backends: a server's HTTP interface runs one,
     and the embedded one checks with ClickHouse's parser first.)"""
     text = _TRAILING.sub("", sql.strip())
     if not text:
         raise ReadOnlyViolationError("empty query")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate, e.g. JSON's "\udcff"
+        raise WarehouseError(
+            f"query: not valid Unicode text (character {exc.start + 1} is a lone surrogate)"
+        ) from None
     return text
+
+
+_READ_STATEMENTS = ("Show", "Describe", "Explain", "Exists")
+_SELECTS = ("SelectWithUnionQuery", "SelectIntersectExceptQuery")
+
+
+def readonly_statement(sql: str, read_text: Callable[[str], str]) -> tuple[str, bool]:
+    """Check an analyst's text with the engine's own parser, through ``read_text`` (runs
+    a query on the analyst's read-only connection; its result as text, rows joined by
+    newlines). Returns the one statement to run, in ClickHouse's canonical form
+    (comments dropped), and whether it is a SELECT. Raises ``ReadOnlyViolationError``
+    for several statements, a statement other than SELECT, SHOW, DESCRIBE, EXPLAIN or
+    EXISTS, and a DESCRIBE of a table function."""
+    text = strip_statement(sql)
+    # chdb runs every statement of a multi-statement text, so "SELECT 1; DROP ..."
+    # must never reach it as SQL. ClickHouse's own formatter, given the text as a
+    # string literal, refuses several statements and returns one canonical statement,
+    # which is what runs from here on. (Not a bound parameter: those are read in
+    # escaped form, where a raw newline is an error.)
+    try:
+        text = read_text(f"SELECT formatQuery({quote_literal(text)})").strip()
+    except WarehouseError as exc:
+        if "multi-statements" in str(exc).lower():
+            raise ReadOnlyViolationError("read-only access: one statement at a time") from None
+        raise
+    ast = [line for line in read_text(f"EXPLAIN AST {text}").split("\n") if line.strip()]
+    kind = ast[0].split(" ", 1)[0] if ast else ""
+    if kind == "DescribeQuery" and len(ast) > 2 and ast[2].strip().startswith("Function "):
+        # readonly=1 does not stop DESCRIBE from reading a table function's source
+        # (DESCRIBE file('/etc/passwd', 'TSVWithNames') shows its first line; DESCRIBE
+        # url(...) makes the request).
+        raise ReadOnlyViolationError(
+            "read-only access: DESCRIBE of a table function is not allowed"
+        )
+    if kind in _SELECTS:
+        return text, True
+    if kind.startswith(_READ_STATEMENTS):
+        return text, False
+    raise ReadOnlyViolationError(
+        "read-only access: only SELECT, SHOW, DESCRIBE, EXPLAIN and EXISTS statements"
+    )
+
+
+_QUERY_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# how long past TOKENMETER_QUERY_MAX_SECONDS a query may run before it is killed (the
+# engine checks its time limit between blocks; one long block could overrun it)
+WATCHDOG_GRACE_S = 5.0
+
+
+class RunningQueries:
+    """A backend's analyst queries that are running, by id, and those asked to stop;
+    thread-safe. ``run`` registers one (with a watchdog that cancels it past its time),
+    ``check`` raises once it was cancelled, ``cancel`` marks them and returns their ids
+    (the backend then kills them in the engine), ``close`` refuses new ones."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._running: set[str] = set()
+        self._cancelled: set[str] = set()
+        self._closed = False
+
+    @contextmanager
+    def run(
+        self, query_id: str | None, seconds: float, on_timeout: Callable[[str], None]
+    ) -> Iterator[str]:
+        """Register a query (a new id when ``query_id`` is None) for the block's time;
+        ``on_timeout(id)`` is called if it lasts ``seconds`` + a grace period."""
+        qid = query_id or uuid.uuid4().hex
+        if not _QUERY_ID.match(qid):
+            raise WarehouseError("query id: 1-64 letters, digits, '-' and '_'")
+        with self._cond:
+            if self._closed:
+                raise WarehouseError("the warehouse is closed")
+            if qid in self._running:
+                raise WarehouseError("a query with this id is running")
+            self._running.add(qid)
+        watchdog = threading.Timer(seconds + WATCHDOG_GRACE_S, on_timeout, (qid,))
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            yield qid
+        finally:
+            watchdog.cancel()
+            with self._cond:
+                self._running.discard(qid)
+                self._cancelled.discard(qid)
+                self._cond.notify_all()
+
+    def check(self, query_id: str) -> None:
+        """Raise ``QueryLimitError`` if ``query_id`` was cancelled."""
+        with self._cond:
+            if query_id in self._cancelled:
+                raise readonly_error("(QUERY_WAS_CANCELLED)")
+
+    def cancel(self, query_id: str | None) -> list[str]:
+        """Mark ``query_id`` (every running query when None) cancelled; the ids of those
+        that are running."""
+        with self._cond:
+            ids = sorted(self._running) if query_id is None else [query_id]
+            ids = [i for i in ids if i in self._running]
+            self._cancelled.update(ids)
+        return ids
+
+    def close(self) -> list[str]:
+        """Refuse new queries; cancel the running ones (their ids)."""
+        with self._cond:
+            self._closed = True
+        return self.cancel(None)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no query runs (at most ``timeout`` s); True if none does."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._running, timeout=timeout)
+
+
+def query_tag(query_id: str) -> str:
+    """The comment an analyst query's text starts with, so that ``KILL QUERY`` can find
+    it in ``system.processes`` (which keeps the text as sent)."""
+    return f"/* tokenmeter-query {query_id} */"
+
+
+def kill_statement(query_ids: list[str]) -> str:
+    """``KILL QUERY`` (not waiting) for the analyst queries with these ids."""
+    where = " OR ".join(f"startsWith(query, {quote_literal(query_tag(i))})" for i in query_ids)
+    return f"KILL QUERY WHERE {where} ASYNC"
 
 
 # ClickHouse's Arrow output turns DateTime (not DateTime64) into plain uint32 seconds.

@@ -134,8 +134,11 @@ class FaultSwitchWarehouse:
     def query_arrow(self, sql: str, params: dict[str, Any] | None = None) -> pa.Table:
         return self.inner.query_arrow(sql, params)
 
-    def query_readonly(self, sql: str) -> pa.Table:
-        return self.inner.query_readonly(sql)
+    def query_readonly(self, sql: str, query_id: str | None = None) -> pa.Table:
+        return self.inner.query_readonly(sql, query_id)
+
+    def cancel_readonly(self, query_id: str | None = None) -> None:
+        self.inner.cancel_readonly(query_id)
 
     def insert_arrow(self, table: str, data: pa.Table, dedup_token: str | None = None) -> int:
         mode = self._mode()

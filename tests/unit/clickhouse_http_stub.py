@@ -15,6 +15,7 @@ What it does, the way ClickHouse's HTTP interface does it:
   system.settings`` (Native format, encoded here by hand) and the protocol-version probe
   ``SELECT 1 AS check`` (answered without block info, like a server behind a proxy that
   drops ``client_protocol_version``: the client then uses protocol version 0);
+- ``FORMAT TabSeparated...`` queries: the registered table's rows, tab-separated, raw;
 - ``FORMAT Arrow`` / ``FORMAT ArrowStream`` queries: the Arrow IPC file / stream bytes,
   produced by pyarrow, of the table a test registered for that query; String columns go
   out as Arrow binary unless the request carries ``output_format_arrow_string_as_string=1``,
@@ -369,6 +370,10 @@ class _Handler(BaseHTTPRequestHandler):
                 )
             )
         sink = io.BytesIO()
+        if fmt.startswith("TabSeparated"):
+            lines = ("\t".join(str(v) for v in row.values()) for row in table.to_pylist())
+            self._send(200, "".join(f"{line}\n" for line in lines).encode(), {})
+            return
         if fmt == "Arrow":
             with pa.ipc.new_file(sink, table.schema) as writer:
                 writer.write_table(table)

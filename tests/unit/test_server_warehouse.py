@@ -210,18 +210,49 @@ def test_server_errors_become_one_line_warehouse_errors(
 # ---- read-only --------------------------------------------------------------------------
 
 
-def test_query_readonly_sends_readonly_1(stub: ClickHouseHTTPStub, wh: ServerWarehouse) -> None:
+def parses_as(stub: ClickHouseHTTPStub, statement: str, kind: str = "SelectWithUnionQuery") -> None:
+    """Answer the two parser queries a read-only query starts with (register first: the
+    stub answers with the first pattern a query contains, and these contain the SQL)."""
+    stub.answer("formatQuery(", pa.table({"f": [statement]}))
+    stub.answer("EXPLAIN AST", pa.table({"explain": [f"{kind} (children 1)"]}))
+
+
+def test_query_readonly_sends_the_limits_then_readonly_1(
+    stub: ClickHouseHTTPStub, wh: ServerWarehouse
+) -> None:
+    parses_as(stub, "SELECT count() AS n FROM usage_hour")
     stub.answer("DESCRIBE", pa.table({"name": ["n"], "type": ["UInt64"]}))
     stub.answer("FROM usage_hour", pa.table({"n": pa.array([7], pa.uint64())}))
-    result = wh.query_readonly("SELECT count() AS n FROM usage_hour ;\n")
+    result = wh.query_readonly("SELECT count() AS n FROM usage_hour ;\n", query_id="q1")
     assert result.column("n").to_pylist() == [7]
-    assert stub.last("DESCRIBE").params["readonly"] == "1"
-    request = stub.last("FROM usage_hour")
-    assert request.params["readonly"] == "1"
-    assert request.query == "SELECT * FROM (\nSELECT count() AS n FROM usage_hour\n)\n FORMAT Arrow"
-    # ordinary queries do not carry it
+    expected = {k: str(v) for k, v in load_settings().query_limits().engine_settings().items()}
+    for request in (stub.last("formatQuery"), stub.last("DESCRIBE"), stub.last("FROM usage_hour")):
+        sent = {k: v for k, v in request.params.items() if k in expected}
+        assert sent == expected
+        assert list(sent)[-1] == "readonly"  # after the limits: they cannot be lifted
+    assert stub.last("FROM usage_hour").query == (
+        "/* tokenmeter-query q1 */\nSELECT * FROM (\nSELECT count() AS n FROM usage_hour\n)"
+        "\n FORMAT Arrow"
+    )
+    # ordinary queries do not carry them
     wh.query_arrow("SELECT count() AS n FROM usage_hour")
     assert "readonly" not in stub.last("FROM usage_hour").params
+    assert "max_execution_time" not in stub.last("FROM usage_hour").params
+
+
+def test_describe_of_a_table_function_is_refused_before_it_runs(
+    stub: ClickHouseHTTPStub, wh: ServerWarehouse
+) -> None:
+    # DESCRIBE url(...) makes the request and DESCRIBE file(...) reads the file even
+    # under readonly=1; the AST (the engine's, here as a server answers it) shows it.
+    stub.answer("formatQuery(", pa.table({"f": ["DESCRIBE TABLE url('http://10.0.0.1/x')"]}))
+    stub.answer(
+        "EXPLAIN AST",
+        pa.table({"explain": ["DescribeQuery (children 1)", " TableExpression", "  Function url"]}),
+    )
+    with pytest.raises(WarehouseError, match="DESCRIBE of a table function"):
+        wh.query_readonly("DESCRIBE url('http://10.0.0.1/x')")
+    assert not [q for q in stub.queries() if q.startswith(("DESCRIBE", "/*"))]
 
 
 def test_a_refused_readonly_statement_is_a_warehouse_error(
@@ -235,6 +266,11 @@ def test_a_refused_readonly_statement_is_a_warehouse_error(
     with pytest.raises(WarehouseError, match="READONLY"):
         wh.query_readonly("INSERT INTO usage_events SELECT * FROM usage_events")
     assert stub.last("INSERT INTO usage_events").params["readonly"] == "1"
+    # a statement the engine's parser says is not a read is refused before it runs
+    stub.answer("formatQuery(", pa.table({"f": ["OPTIMIZE TABLE usage_events"]}))
+    stub.answer("EXPLAIN AST", pa.table({"explain": ["OptimizeQuery  usage_events"]}))
+    with pytest.raises(WarehouseError, match="only SELECT"):
+        wh.query_readonly("OPTIMIZE TABLE usage_events")
     with pytest.raises(WarehouseError, match="empty query"):
         wh.query_readonly(" ; ")
 
@@ -244,6 +280,7 @@ def test_non_utf8_strings_come_back_as_bytes(stub: ClickHouseHTTPStub, wh: Serve
     # UTF-8; pyarrow cannot turn that into Python values without help.
     payloads = [b"\xff\xfe raw", b"ok"]
     raw = pa.Array.from_buffers(pa.string(), 2, pa.array(payloads, pa.binary()).buffers())
+    parses_as(stub, "SELECT payload FROM dead_letters")
     stub.answer("DESCRIBE", pa.table({"name": ["payload"], "type": ["String"]}))
     stub.answer("FROM dead_letters", pa.table({"payload": raw}))
     for result in (
@@ -384,11 +421,12 @@ def test_datetime_columns_come_back_as_timestamps(
 ) -> None:
     # ClickHouse's Arrow output sends DateTime as bare uint32 seconds; the read-only path
     # asks for DateTime64 instead, so analysts see times, not integers.
+    parses_as(stub, "SELECT period_start, count() AS n FROM usage_day GROUP BY period_start")
     stub.answer(
         "DESCRIBE",
         pa.table({"name": ["period_start", "n"], "type": ["DateTime('Asia/Shanghai')", "UInt64"]}),
     )
     stub.answer("FROM usage_day", pa.table({"n": pa.array([1], pa.uint64())}))
     wh.query_readonly("SELECT period_start, count() AS n FROM usage_day GROUP BY period_start")
-    sent = stub.last("FROM usage_day").query
+    sent = stub.last("FROM usage_day").query.split("\n", 1)[1]  # after the tag
     assert sent.startswith("SELECT * REPLACE (toDateTime64(`period_start`, 0) AS `period_start`)")

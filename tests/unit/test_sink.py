@@ -119,8 +119,11 @@ class FlakyWarehouse:
             raise WarehouseError("Connection refused (injected)")
         return self.real.query_arrow(sql, params)
 
-    def query_readonly(self, sql: str) -> pa.Table:
-        return self.real.query_readonly(sql)
+    def query_readonly(self, sql: str, query_id: str | None = None) -> pa.Table:
+        return self.real.query_readonly(sql, query_id)
+
+    def cancel_readonly(self, query_id: str | None = None) -> None:
+        self.real.cancel_readonly(query_id)
 
     def insert_arrow(self, table: str, data: pa.Table, dedup_token: str | None = None) -> int:
         self.insert_calls += 1
