@@ -17,7 +17,7 @@ import hmac
 import logging
 import re
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -165,6 +165,9 @@ class Pipeline:
         ]
         self.decoder = ColumnarDecoder(self.codec, self.hash_key)
         self._current: tuple[pa.Table, Positions] | None = None
+        # batches prepared but not stored yet (the store thread is one behind): the dedup
+        # index's verify must see their events, which the warehouse does not have yet
+        self._unstored: deque[tuple[pa.Table, Positions]] = deque()
         self.dedup = DedupIndex(verify=self._same_event, fingerprint=self._key_fingerprint)
         self.stage_cpu_us: Counter[str] = Counter()
         self.book = load_cards(settings.price_cards)
@@ -264,11 +267,9 @@ class Pipeline:
         the dedup index only when two keys share a 64-bit fingerprint but not a payload
         hash (a conflicting duplicate, or a fingerprint collision): from the batch being
         processed (not stored yet), else from usage_events."""
-        if self._current is not None:
-            table, where = self._current
-            hit = np.flatnonzero(
-                (where.partitions == position[0]) & (where.offsets == position[1])
-            )
+        batches = [*self._unstored, self._current] if self._current else list(self._unstored)
+        for table, where in batches:
+            hit = np.flatnonzero((where.partitions == position[0]) & (where.offsets == position[1]))
             if hit.size:
                 return _row_key(table, int(hit[0])) == key
         carrier, _, event_id = key.partition("\x1f")
@@ -291,6 +292,7 @@ class Pipeline:
         held = [p for t, p in self.sink.tables[USAGE_TABLE].loaded if t == topic]
         self.sink.forget(topic, sorted(set(held) | set(partitions)))
         self.rater.usage.clear()
+        self._unstored.clear()
 
     # ---- the usage path -------------------------------------------------------
     def process_usage(self, messages: list[RawMessage]) -> BatchReport:
@@ -390,6 +392,8 @@ class Pipeline:
         now = ingested_now()
         events = usage_events_rows(table, phash, rated, where, now)
         clock.lap("build")
+        out.unstored = (table, where)
+        self._unstored.append(out.unstored)
         if events.num_rows:
             with_arrival = events.append_column("arrived_ms", pa.array(where.arrived_ms))
             out.writes = [*self._rollups(with_arrival, where, now), (USAGE_TABLE, events)]
@@ -438,6 +442,8 @@ class Pipeline:
         if prepared.quota_feed is not None:
             prepared.quota_feed()
             clock.lap("quota_feed")
+        if self._unstored and self._unstored[0] is prepared.unstored:
+            self._unstored.popleft()  # stored in the order prepared
         report.seconds = time.monotonic() - started
         self._add(report)
         return report

@@ -259,9 +259,7 @@ class UsageReader(Generic[P]):
             with self._cond:
                 if self._gen != gen:
                     continue  # revoked or reassigned meanwhile: not stored, not committed
-                self._inflight = self._executor.submit(
-                    self._store_and_commit, prepared, batch, gen
-                )
+                self._inflight = self._executor.submit(self._store_and_commit, prepared, batch, gen)
 
     def _apply(self, consumer: Consumer, marks: dict[int, int | None]) -> dict[int, int]:
         """Assign (or, for no marks, unassign) the consumer; returns the partitions whose

@@ -94,14 +94,19 @@ def suspect_rows(table: pa.Table, arrived_ms: I64, rules: Rules) -> Mask:
     attributes = table.column("attributes")
     if isinstance(attributes, pa.ChunkedArray):
         attributes = attributes.combine_chunks()
-    bad |= _np_bool(pc.greater(pc.list_value_length(attributes), _MAX_ATTRIBUTES))
-    if len(attributes.keys):
-        long_entry = np.asarray(
-            _np_bool(pc.greater(pc.binary_length(attributes.keys), _MAX_STRING))
-            | _np_bool(pc.greater(pc.binary_length(attributes.items), _MAX_STRING))
-        )
+    # a map as a list of (key, value) structs: list kernels work on it, slices included
+    entries = pa.ListArray.from_arrays(
+        attributes.offsets,
+        pa.StructArray.from_arrays([attributes.keys, attributes.items], ["k", "v"]),
+    )
+    bad |= _np_bool(pc.greater(pc.list_value_length(entries), _MAX_ATTRIBUTES))
+    flat = pc.list_flatten(entries)
+    if len(flat):
+        long_entry = _np_bool(
+            pc.greater(pc.binary_length(flat.field("k")), _MAX_STRING)
+        ) | _np_bool(pc.greater(pc.binary_length(flat.field("v")), _MAX_STRING))
         if long_entry.any():
-            parents = pc.list_parent_indices(attributes).to_numpy()
+            parents = pc.list_parent_indices(entries).to_numpy()
             bad[np.unique(parents[long_entry])] = True
     event_ms = _ints(table, "event_time")
     bad |= event_ms > arrived_ms + rules.future_skew_ms
@@ -197,4 +202,5 @@ class PreparedUsage:
     duplicates: int = 0
     accepted: int = 0
     quota_feed: Callable[[], None] | None = None
-    stage_cpu_s: dict[str, float] = field(default_factory=dict)
+    # the accepted events (table, positions), for the dedup verify until they are stored
+    unstored: tuple[pa.Table, Positions] | None = None
