@@ -22,9 +22,9 @@ from pipeline.metering.dedup import DedupIndex
 from pipeline.metering.plans import load_plans
 from pipeline.metering.pricing import load_cards
 from pipeline.runtime import Pipeline
+from pipeline.serde import AvroCodec
 from pipeline.settings import Settings
 from pipeline.simulate import Simulation
-from pipeline.serde import AvroCodec
 from pipeline.stages.ingest import DeadLetter, IngestStage, RawMessage, dead_letter_for
 from pipeline.stages.rate import RateStage
 from pipeline.stages.window import rollup_from_minutes, rollup_table
