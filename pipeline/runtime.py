@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from confluent_kafka import Producer
 
 from pipeline.events import (
@@ -33,6 +34,7 @@ from pipeline.events import (
     Stage,
     check_record,
     now_ms,
+    payload_hash,
     pseudonymise,
 )
 from pipeline.metering.dedup import Decision, DedupIndex
@@ -40,7 +42,13 @@ from pipeline.metering.plans import load_plans
 from pipeline.metering.pricing import load_cards
 from pipeline.produce import DeliveryError, producer_config
 from pipeline.serde import MAGIC, AvroCodec, DecodeError
-from pipeline.serde_columnar import OK, ColumnarDecoder, DecodedBatch, key_fingerprints
+from pipeline.serde_columnar import (
+    OK,
+    PAYLOAD_HASH_VERSION,
+    ColumnarDecoder,
+    DecodedBatch,
+    key_fingerprints,
+)
 from pipeline.settings import Settings
 from pipeline.stages.columnar import (
     Positions,
@@ -170,6 +178,8 @@ class Pipeline:
         self._unstored: deque[tuple[pa.Table, Positions]] = deque()
         self.dedup = DedupIndex(verify=self._same_event, fingerprint=self._key_fingerprint)
         self.stage_cpu_us: Counter[str] = Counter()
+        # stored rows with a payload hash of an older definition are in the index
+        self._older_hashes = False
         self.book = load_cards(settings.price_cards)
         self.rater = RateStage(self.book, load_plans(settings.tenant_plans))
         self.grace_ms = settings.window_grace_s * 1000
@@ -215,12 +225,14 @@ class Pipeline:
         horizon = now_ms() - self.rules.lateness_limit_ms - self.rules.future_skew_ms
         result = self.wh.query_arrow(
             "SELECT reporting_carrier, event_id, payload_hash, partition, offset, "
-            "toUnixTimestamp64Milli(event_time) AS ms FROM usage_events "
+            "toUnixTimestamp64Milli(event_time) AS ms, payload_hash_version FROM usage_events "
             f"WHERE topic = {quote_literal(topic)} "
             f"AND partition IN ({', '.join(str(p) for p in new)}) "
             f"AND event_time >= fromUnixTimestamp64Milli({horizon})"
         )
         if result.num_rows:
+            if pc.any(pc.not_equal(result.column(6), PAYLOAD_HASH_VERSION)).as_py():
+                self._older_hashes = True
             ints = [np.asarray(result.column(i).to_numpy(), dtype=np.int64) for i in range(2, 6)]
             self.dedup.add_many_fp(
                 key_fingerprints(result.column(0), result.column(1), self.hash_key),
@@ -359,6 +371,10 @@ class Pipeline:
             self._current = None
         for c in map(int, np.flatnonzero(decisions == Decision.CONFLICT)):
             record = row_record(table, c)
+            if self._older_hashes and self.dedup.holds(int(fps[c]), payload_hash(record)):
+                # a copy of an event stored with the v1 hash (before the compiled path)
+                decisions[c] = Decision.DUPLICATE
+                continue
             rejection = Rejection(
                 Reason.CONFLICTING_DUPLICATE,
                 Stage.DEDUP,

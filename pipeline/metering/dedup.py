@@ -536,6 +536,11 @@ class DedupIndex:
                 return -1
         return i
 
+    def holds(self, fp: int, payload_hash: int) -> bool:
+        """Is there a live entry with this fingerprint and payload hash? (For a payload
+        hash of another definition than the batch's: see ``Pipeline.prepare_usage``.)"""
+        return any(ph == payload_hash for _, _, _, ph in self._candidates(int(fp) & _M64))
+
     def _candidates(self, fp: int) -> list[tuple[bool, int, int, int]]:
         """Every live entry with fingerprint ``fp``: (in delta, index, position, hash)."""
         out: list[tuple[bool, int, int, int]] = []

@@ -33,6 +33,7 @@ from pipeline.events import (
     pseudonymise,
 )
 from pipeline.metering.rating_columns import RatedColumns
+from pipeline.serde_columnar import PAYLOAD_HASH_VERSION
 from pipeline.stages.ingest import DeadLetter
 from pipeline.warehouse.arrow_rows import USAGE_EVENTS
 
@@ -175,6 +176,7 @@ def usage_events_rows(
         cols[name] = col if col.type == target else pc.cast(col, target)
     cols["event_time"] = pc.cast(events.column("event_time"), ts)
     cols["payload_hash"] = pa.array(payload_hash, pa.int64())
+    cols["payload_hash_version"] = _constant(PAYLOAD_HASH_VERSION, n, pa.uint8())
     for name in ("token_units", "amount", "list_amount"):
         cols[name] = rated.decimals(name)
     cols["currency"] = _constant("CNY", n, pa.string())

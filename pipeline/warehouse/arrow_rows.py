@@ -44,6 +44,7 @@ USAGE_EVENTS = pa.schema(
         ("region", pa.string()),
         ("attributes", pa.map_(pa.string(), pa.string())),
         ("payload_hash", pa.int64()),
+        ("payload_hash_version", pa.uint8()),  # 1 here (events.payload_hash), 2 columnar
         ("token_units", DEC),
         ("amount", DEC),
         ("list_amount", DEC),
@@ -92,6 +93,7 @@ def usage_events_table(rated: Sequence[Rated], ingested_at: datetime) -> pa.Tabl
     }
     cols["attributes"] = [list((a.record["attributes"] or {}).items()) for a in accepted]
     cols["payload_hash"] = [a.payload_hash for a in accepted]
+    cols["payload_hash_version"] = [1] * len(accepted)
     cols["token_units"] = [x.token_units for x in ratings]
     cols["amount"] = [x.amount for x in ratings]
     cols["list_amount"] = [x.list_amount for x in ratings]

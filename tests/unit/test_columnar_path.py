@@ -98,7 +98,8 @@ def _run_both(
 def _comparable(rows: pa.Table) -> list[dict[str, Any]]:
     """usage_events rows without what legitimately differs: the payload hash (v1 scalar,
     v2 compiled: see serde_columnar) and the insert time."""
-    keep = [n for n in rows.column_names if n not in ("payload_hash", "ingested_at")]
+    skip = ("payload_hash", "payload_hash_version", "ingested_at")
+    keep = [n for n in rows.column_names if n not in skip]
     out = rows.select(keep).to_pylist()
     for row in out:
         row["attributes"] = sorted(row["attributes"] or [])
@@ -166,3 +167,42 @@ def test_hour_and_day_rows_from_minutes_equal_rows_from_events() -> None:
 
         assert sorted(got, key=order) == sorted(want, key=order)
         assert any(r["kind"] == "late" for r in got)
+
+
+def test_copies_of_events_stored_with_the_v1_hash_are_duplicates(
+    clean_warehouse: Warehouse, warehouse_settings: Settings
+) -> None:
+    """Rows stored before the compiled path carry payload hash v1 (``payload_hash_version``
+    1); an exact copy arriving now is a duplicate, a changed one a conflict."""
+    now = now_ms()
+    sim = Simulation(seed=41, now_ms=now, tenants=5)
+    values = [(m.key, m.value) for m in sim.messages(300)]
+    first = _messages(values, now)
+    pipe = Pipeline(warehouse_settings, wh=clean_warehouse)
+    old = IngestStage(pipe.codec, pipe.rules, pipe.key, DedupIndex()).process(first)
+    rated, _ = RateStage(
+        load_cards(warehouse_settings.price_cards), load_plans(warehouse_settings.tenant_plans)
+    ).rate(old.accepted)
+    stored = usage_events_table(rated, datetime.now(tz=UTC))
+    clean_warehouse.insert_arrow("usage_events", stored)
+    assert clean_warehouse.query_arrow(
+        "SELECT min(payload_hash_version) AS v FROM usage_events"
+    ).column("v")[0].as_py() == 1
+
+    pipe.take_usage_partitions(list(range(PARTITIONS)))
+    copies = [m.value for m in first[:50]]
+    records = [pipe.codec.decode(v) for v in copies[:5]]
+    for rec in records:
+        rec["output_tokens"] += 1  # same key, other content
+    changed = [pipe.codec.encode(r) for r in records]
+    batch = ConsumedBatch(
+        TOPIC,
+        copies + changed,
+        [0] * 55,
+        list(range(10_000, 10_055)),
+        [now] * 55,
+    )
+    prepared = pipe.prepare_usage(batch)
+    assert prepared.duplicates == 50
+    assert [d.reason for d in prepared.dead_letters] == ["conflicting_duplicate"] * 5
+    assert not [t for name, t in prepared.writes if name == "usage_events"]
