@@ -160,6 +160,11 @@ class UsageReader(Generic[P]):
         self._thread: threading.Thread | None = None
         self.positions: dict[int, int] = {}  # where each partition started (for tests/logs)
 
+    @property
+    def partitions(self) -> list[int]:
+        """The usage partitions being read now."""
+        return list(self._assigned)
+
     # ---- control (any thread) --------------------------------------------------
     def start(self) -> None:
         """Start the reader thread (it consumes once partitions are assigned)."""

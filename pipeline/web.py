@@ -63,7 +63,13 @@ def register_pages(app: faust.App, worker: Worker) -> None:
     @app.page("/v1/health")
     class Health(View):
         async def get(self, request: Request) -> Response:
-            return self.json({"status": "ok", "pipeline": worker._pipeline is not None})
+            return self.json(
+                {
+                    "status": "ok",
+                    "pipeline": worker._pipeline is not None,
+                    "usage_partitions": len(worker.reader.partitions),
+                }
+            )
 
     @app.page("/v1/status")
     class Status(View):

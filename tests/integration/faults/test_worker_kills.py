@@ -74,6 +74,9 @@ def _run_with_kills(harness: Harness, tmp_path: Path, events: int, kills: int) -
     def committed() -> int:
         return total - sum(p.lag for p in reader.read() if p.topic == h.settings.topic_usage)
 
+    # Small batches: the batch consumer commits 50,000 messages at a time by default,
+    # which would pass several kill marks at once; a kill must land mid-run.
+    h.env["TOKENMETER_BATCH_MAX"] = "1000"
     h.start_worker()
     try:
         for mark in marks:
