@@ -12,12 +12,11 @@ import hashlib
 import json
 from pathlib import Path
 
+from pipeline.dead_letters import DeadLetter, redact_phone_numbers
 from pipeline.events import is_pseudonym, now_ms, pseudonymise
 from pipeline.produce import LineProblem
-from pipeline.runtime import redact_phone_numbers
 from pipeline.serde import AvroCodec
 from pipeline.settings import Settings
-from pipeline.stages.ingest import DeadLetter
 
 
 def file_position(path: Path) -> str:

@@ -1,13 +1,23 @@
 """The worker's engine room: what happens to one batch, with no faust in sight.
 
-``Pipeline`` owns the warehouse connection, the sink, the dedup index and the
-dead-letter producer. Its methods are synchronous and are called from one dedicated
-thread (see ``pipeline/app.py``), so its state needs no locks and the event loop stays
-free to fetch, heartbeat and serve HTTP while a batch is being written.
+``Pipeline`` owns the warehouse connection, the sink, the dedup index, the tier
+counters and the dead-letter producer. A usage batch goes through two calls, on two
+threads (``pipeline/usage_reader.py``):
 
-Order inside ``process_usage`` is what makes "offsets commit only after the write":
-ingest -> write usage_events -> dead letters delivered to Kafka -> return. Only then
-does the agent let faust ack (and later commit) the batch's offsets.
+``prepare_usage`` (the reader thread), every stage on columns, each turning the batch's
+rows into fewer rows plus dead letters:
+
+1. decode: the compiled decoder (``serde_columnar``); rows it flags go through fastavro;
+2. validate: column masks, the scalar rules only for the rows a mask doubts;
+3. pseudonymise: one keyed HMAC per distinct subscriber;
+4. dedup: ``DedupIndex.check_many``; rows at or below usage_events' mark are replays;
+5. rate: ``rate_columns``, integer micro-units;
+6. build: the usage_events rows;
+7. rollups: minute rows by group-by, hour and day rows from the minute rows.
+
+``store_usage`` (the pipeline thread, one batch behind): dead letters to Kafka, then
+the rollups, then usage_events (so a stored event implies its batch's letters and
+rollups are stored), then the quota feed. Only then are the batch's offsets committed.
 """
 
 from __future__ import annotations
@@ -15,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import re
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -27,6 +36,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from confluent_kafka import Producer
 
+from pipeline.dead_letters import (
+    DeadLetter,
+    dead_letter_for,
+    first_copies,
+    letter_from_rejection,
+    prepare_dead_letter,
+)
 from pipeline.events import (
     Reason,
     Rejection,
@@ -58,12 +74,7 @@ from pipeline.stages.columnar import (
     suspect_rows,
     usage_events_rows,
 )
-from pipeline.stages.ingest import (
-    DeadLetter,
-    RawMessage,
-    dead_letter_for,
-    first_copies,
-)
+from pipeline.stages.ingest import RawMessage
 from pipeline.stages.rate import RateStage
 from pipeline.stages.sink import Sink, ingested_now
 from pipeline.stages.window import (
@@ -74,8 +85,12 @@ from pipeline.stages.window import (
 )
 from pipeline.warehouse import Warehouse, open_warehouse
 from pipeline.warehouse.arrow_rows import dead_letters_table
-from pipeline.warehouse.base import quote_literal
 from pipeline.warehouse.price_cards import sync_price_cards
+from pipeline.warehouse.usage_store import (
+    stored_dedup_keys,
+    stored_event_has_key,
+    stored_tier_usage,
+)
 
 if TYPE_CHECKING:
     from pipeline.usage_reader import ConsumedBatch
@@ -91,44 +106,6 @@ DEAD_LETTER_TABLE = "dead_letters"
 CORRECTIONS_TABLE = "usage_corrections"
 # Written in this order; usage_events last, so a stored event implies stored rollups.
 ROLLUP_TABLES = (*GRAINS, CORRECTIONS_TABLE)
-
-# Chinese mobile numbers, also behind the country code (+86, 0086, 86); a raw payload kept
-# for a dead letter has them pseudonymised. No digit boundaries: in Avro bytes the next
-# field's length or text may be a digit, and a longer digit run that happens to contain
-# such a number is better over-redacted than leaked (found by the hostile-input fuzz).
-_PHONE = re.compile(rb"(?:\+?86|0086)?(1[3-9]\d{9})")
-
-
-def redact_phone_numbers(payload: bytes, key: bytes) -> bytes:
-    """Replace anything that looks like a mobile number (with its country code, if any)
-    by the pseudonym of the 11-digit number."""
-    return _PHONE.sub(lambda m: pseudonymise(m.group(1).decode(), key).encode(), payload)
-
-
-# A dead letter is one Kafka message, and librdkafka refuses a message over its
-# message.max.bytes (1,000,000 by default) at once: a batch with such a letter could never
-# be stored, and the worker would stop on it at every replay. An input near the usage
-# topic's own limit, or one whose JSON form is longer than its Avro (a NUL is one byte in
-# Avro and six in JSON), would not fit, so a longer payload is cut to this many bytes.
-MAX_DEAD_LETTER_PAYLOAD = 900_000
-
-
-def prepare_dead_letter(letter: DeadLetter, key: bytes) -> DeadLetter:
-    """Make ``letter`` ready for the dead-letter topic, in place: the phone numbers of a
-    raw payload pseudonymised, and a payload over ``MAX_DEAD_LETTER_PAYLOAD`` bytes cut to
-    that, which its detail then says (the whole input stays at its source position)."""
-    raw = letter.payload_format == "raw"
-    if raw:
-        letter.payload = redact_phone_numbers(letter.payload, key)
-    size = len(letter.payload)
-    if size > MAX_DEAD_LETTER_PAYLOAD:
-        letter.payload = letter.payload[:MAX_DEAD_LETTER_PAYLOAD]
-        if raw:  # the cut may have left the first 11 digits of a longer number
-            letter.payload = redact_phone_numbers(letter.payload, key)
-        letter.detail += (
-            f" (payload cut to its first {MAX_DEAD_LETTER_PAYLOAD:,} of {size:,} bytes)"
-        )
-    return letter
 
 
 @dataclass
@@ -223,13 +200,7 @@ class Pipeline:
         started = time.monotonic()
         self.sink.ensure_loaded(topic, new)
         horizon = now_ms() - self.rules.lateness_limit_ms - self.rules.future_skew_ms
-        result = self.wh.query_arrow(
-            "SELECT reporting_carrier, event_id, payload_hash, partition, offset, "
-            "toUnixTimestamp64Milli(event_time) AS ms, payload_hash_version FROM usage_events "
-            f"WHERE topic = {quote_literal(topic)} "
-            f"AND partition IN ({', '.join(str(p) for p in new)}) "
-            f"AND event_time >= fromUnixTimestamp64Milli({horizon})"
-        )
+        result = stored_dedup_keys(self.wh, topic, new, horizon)
         if result.num_rows:
             if pc.any(pc.not_equal(result.column(6), PAYLOAD_HASH_VERSION)).as_py():
                 self._older_hashes = True
@@ -239,13 +210,8 @@ class Pipeline:
                 ints[0], ints[1], ints[2], ints[3],
                 keys=lambda i: f"{result.column(0)[i].as_py()}\x1f{result.column(1)[i].as_py()}",
             )  # fmt: skip
-        usage = self.wh.query_arrow(
-            "SELECT tenant_id, plan_period, sum(tier_usage_tu) AS tu FROM usage_events "
-            f"WHERE topic = {quote_literal(topic)} "
-            f"AND partition IN ({', '.join(str(p) for p in new)}) "
-            f"AND event_time >= fromUnixTimestamp64Milli({horizon - 32 * 86_400_000}) "
-            "GROUP BY tenant_id, plan_period"
-        )
+        # a month before the horizon: a tier period (a month) of usage
+        usage = stored_tier_usage(self.wh, topic, new, horizon - 32 * 86_400_000)
         if usage.num_rows:
             for tenant, period, tu in zip(
                 *(usage.column(i).to_pylist() for i in range(3)), strict=True
@@ -286,14 +252,9 @@ class Pipeline:
                 return _row_key(table, int(hit[0])) == key
         carrier, _, event_id = key.partition("\x1f")
         partition, offset = position
-        found = self.wh.query_arrow(
-            "SELECT count() AS n FROM usage_events "
-            f"WHERE topic = {quote_literal(self.settings.topic_usage)} "
-            f"AND partition = {int(partition)} AND offset = {int(offset)} "
-            f"AND reporting_carrier = {quote_literal(carrier)} "
-            f"AND event_id = {quote_literal(event_id)}"
+        return stored_event_has_key(
+            self.wh, self.settings.topic_usage, partition, offset, carrier, event_id
         )
-        return bool(found.column("n")[0].as_py())
 
     def release_usage_partitions(self, partitions: list[int]) -> None:
         """Give partitions up. Every partition's state is then re-read from the warehouse
@@ -602,7 +563,7 @@ class Pipeline:
                 # Garbage on the dead-letter topic is itself a dead letter, positioned on
                 # the dead-letter topic.
                 rejection = Rejection(exc.reason, Stage.DECODE, exc.detail)
-                letters.append(_letter_from_rejection(msg, rejection))
+                letters.append(letter_from_rejection(msg, rejection))
                 continue
             letters.append(
                 DeadLetter(
@@ -689,18 +650,4 @@ def _origin(where: Positions, batch: ConsumedBatch, row: int) -> int:
     return int(hit[0])
 
 
-def _letter_from_rejection(msg: RawMessage, rejection: Rejection) -> DeadLetter:
-    return DeadLetter(
-        reason=rejection.reason.value,
-        stage=rejection.stage.value,
-        detail=rejection.detail,
-        payload=msg.value,
-        payload_format="raw",
-        topic=msg.topic,
-        partition=msg.partition,
-        offset=msg.offset,
-        failed_at_ms=msg.timestamp_ms,
-    )
-
-
-__all__ = ["BatchReport", "Pipeline", "Reason", "prepare_dead_letter", "redact_phone_numbers"]
+__all__ = ["BatchReport", "Pipeline", "Reason"]

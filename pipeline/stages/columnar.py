@@ -22,6 +22,7 @@ import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.dead_letters import DeadLetter
 from pipeline.events import (
     CARRIERS,
     FIELDS,
@@ -34,7 +35,6 @@ from pipeline.events import (
 )
 from pipeline.metering.rating_columns import RatedColumns
 from pipeline.serde_columnar import PAYLOAD_HASH_VERSION
-from pipeline.stages.ingest import DeadLetter
 from pipeline.warehouse.arrow_rows import USAGE_EVENTS
 
 I64 = npt.NDArray[np.int64]

@@ -30,7 +30,8 @@ from datetime import UTC, datetime
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.warehouse.base import Warehouse, WarehouseError, quote_ident, quote_literal
+from pipeline.warehouse.base import Warehouse, WarehouseError
+from pipeline.warehouse.usage_store import high_water_marks
 
 log = logging.getLogger(__name__)
 
@@ -50,19 +51,7 @@ class TrackedTable:
         wanted = sorted(set(partitions))
         if not wanted:
             return
-        result = wh.query_arrow(
-            f"SELECT partition, max(offset) AS mark FROM {quote_ident(self.name)} "
-            f"WHERE topic = {quote_literal(topic)} AND partition IN "
-            f"({', '.join(str(p) for p in wanted)}) GROUP BY partition"
-        )
-        found = {
-            int(p): int(m)
-            for p, m in zip(
-                result.column("partition").to_pylist() if result.num_rows else [],
-                result.column("mark").to_pylist() if result.num_rows else [],
-                strict=True,
-            )
-        }
+        found = high_water_marks(wh, self.name, topic, wanted)
         for part in wanted:
             pos = (topic, part)
             if part in found:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 
 if TYPE_CHECKING:
-    from pipeline.stages.ingest import DeadLetter
+    from pipeline.dead_letters import DeadLetter
     from pipeline.stages.rate import Rated
 
 TS = pa.timestamp("ms", tz="UTC")

@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 with atheris.instrument_imports():
     from pipeline import events, serde
+    from pipeline.dead_letters import prepare_dead_letter
     from pipeline.events import Rules
     from pipeline.metering.dedup import DedupIndex
-    from pipeline.runtime import prepare_dead_letter
     from pipeline.stages import ingest
     from pipeline.stages.ingest import IngestStage, RawMessage
 

@@ -17,6 +17,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
+from pipeline.dead_letters import DeadLetter, dead_letter_for
 from pipeline.events import Rules, now_ms
 from pipeline.metering.dedup import DedupIndex
 from pipeline.metering.plans import load_plans
@@ -25,7 +26,7 @@ from pipeline.runtime import Pipeline
 from pipeline.serde import AvroCodec
 from pipeline.settings import Settings
 from pipeline.simulate import Simulation
-from pipeline.stages.ingest import DeadLetter, IngestStage, RawMessage, dead_letter_for
+from pipeline.stages.ingest import IngestStage, RawMessage
 from pipeline.stages.rate import RateStage
 from pipeline.stages.window import rollup_from_minutes, rollup_table
 from pipeline.usage_reader import ConsumedBatch

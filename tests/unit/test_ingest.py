@@ -284,7 +284,7 @@ def test_every_message_has_exactly_one_outcome(values: list[Any]) -> None:
 
 
 def test_copies_resent_by_a_replayed_batch_are_dropped_within_a_batch() -> None:
-    from pipeline.stages.ingest import DeadLetter, first_copies
+    from pipeline.dead_letters import DeadLetter, first_copies
 
     def letter(partition: int, offset: int) -> DeadLetter:
         return DeadLetter("bad_json", "decode", "x", b"", "raw", "usage", partition, offset, 0)

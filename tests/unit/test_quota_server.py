@@ -617,7 +617,8 @@ def test_slow_clients_are_cut_and_normal_calls_stay_fast(tmp_path: Path) -> None
             )
             times.append(time.monotonic() - before)
             assert status == 201
-        assert max(times) < 1.0, times  # not held up behind the slow clients
+        # not held up behind the slow clients (they are held until the limit, 3 s)
+        assert max(times) < limit - 1.0, times
         # 36 open; 4 more fill the cap, the next is turned away at once
         fillers = [socket.create_connection(("127.0.0.1", r.port)) for _ in range(4)]
         over = Http(r.port)

@@ -18,9 +18,9 @@ from fastavro.schema import fingerprint, to_parsing_canonical_form
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipeline.dead_letters import DeadLetter
 from pipeline.events import Reason
 from pipeline.serde import MAGIC, AvroCodec, DecodeError, rabin_fingerprint, schema_fingerprint
-from pipeline.stages.ingest import DeadLetter
 
 CODEC = AvroCodec()
 

@@ -17,13 +17,14 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipeline.dead_letters import dead_letter_for
 from pipeline.events import Rules, dedup_key
 from pipeline.metering.dedup import DedupIndex
 from pipeline.metering.plans import TenantPlans, load_plans
 from pipeline.metering.pricing import PriceBook, load_cards, price_lines_rows
 from pipeline.serde import AvroCodec
 from pipeline.simulate import Simulation
-from pipeline.stages.ingest import IngestStage, RawMessage, dead_letter_for
+from pipeline.stages.ingest import IngestStage, RawMessage
 from pipeline.stages.rate import Rated, RateStage
 from pipeline.stages.window import GRAINS, corrections_table, rollup_table
 from pipeline.warehouse import Warehouse

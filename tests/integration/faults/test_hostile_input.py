@@ -23,10 +23,10 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pipeline.dead_letters import MAX_DEAD_LETTER_PAYLOAD, prepare_dead_letter
 from pipeline.events import Reason, Rules, Stage, now_ms, pseudonymise
 from pipeline.metering.dedup import DedupIndex
 from pipeline.produce import producer_config
-from pipeline.runtime import MAX_DEAD_LETTER_PAYLOAD, prepare_dead_letter
 from pipeline.serde import MAGIC, AvroCodec
 from pipeline.stages.ingest import IngestResult, IngestStage, RawMessage
 from tests.integration.faults import hostile
