@@ -12,8 +12,8 @@ dict of str to str. That is exactly the Avro shape in ``schemas/avro/usage_event
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import hmac
 import math
 import re
 from dataclasses import dataclass
@@ -299,8 +299,27 @@ def pseudonymise(subscriber_id: str, key: bytes) -> str:
     """
     if is_pseudonym(subscriber_id):
         return subscriber_id
-    digest = hmac.new(key, subscriber_id.encode(), hashlib.sha256).hexdigest()
-    return PSEUDONYM_PREFIX + digest[:32]
+    inner, outer = _hmac_pads(key)
+    digest = inner.copy()
+    digest.update(subscriber_id.encode())
+    mac = outer.copy()
+    mac.update(digest.digest())
+    return PSEUDONYM_PREFIX + mac.digest()[:16].hex()
+
+
+@functools.lru_cache(maxsize=16)
+def _hmac_pads(key: bytes) -> tuple[Any, Any]:
+    """HMAC-SHA256 (RFC 2104) with the key's inner and outer pads hashed once: a copy of
+    each per id costs ~1 us where ``hmac.new`` or ``hmac.digest`` cost 2.4-3.5 us here
+    (the worker pseudonymises every distinct subscriber of every batch)."""
+    block = 64
+    if len(key) > block:
+        key = hashlib.sha256(key).digest()
+    padded = key.ljust(block, b"\0")
+    return (
+        hashlib.sha256(bytes(b ^ 0x36 for b in padded)),
+        hashlib.sha256(bytes(b ^ 0x5C for b in padded)),
+    )
 
 
 # ---- identity of an event ---------------------------------------------------

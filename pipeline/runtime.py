@@ -70,7 +70,7 @@ from pipeline.stages.columnar import (
     Positions,
     PreparedUsage,
     pseudonymise_column,
-    row_record,
+    row_records,
     suspect_rows,
     usage_events_rows,
 )
@@ -297,6 +297,7 @@ class Pipeline:
             np.asarray(batch.partitions, dtype=np.int64),
             np.asarray(batch.offsets, dtype=np.int64),
             np.asarray(batch.timestamps, dtype=np.int64),
+            np.arange(len(batch), dtype=np.int64),
         )
         decoded = self.decoder.decode(batch.values)
         table, phash, fps, rows = self._decoded_rows(batch, decoded, out.dead_letters)
@@ -304,13 +305,13 @@ class Pipeline:
         clock.lap("decode")
 
         keep = ~suspect_rows(table, where.arrived_ms, self.rules)
-        for i in map(int, np.flatnonzero(~keep)):
-            record = row_record(table, i)
+        doubtful = np.flatnonzero(~keep)
+        for i, record in zip(doubtful, row_records(table, doubtful), strict=True):
             rejection = check_record(record, int(where.arrived_ms[i]), self.rules)
             if rejection is None:
                 keep[i] = True
                 continue
-            out.dead_letters.append(self._letter(batch, int(rows[i]), rejection, record))
+            out.dead_letters.append(self._letter(batch, int(where.source[i]), rejection, record))
         if not keep.all():
             table, phash, fps, where = table.filter(keep), phash[keep], fps[keep], where.take(keep)
         clock.lap("validate")
@@ -330,8 +331,8 @@ class Pipeline:
             )  # fmt: skip
         finally:
             self._current = None
-        for c in map(int, np.flatnonzero(decisions == Decision.CONFLICT)):
-            record = row_record(table, c)
+        conflicts = np.flatnonzero(decisions == Decision.CONFLICT)
+        for c, record in zip(conflicts, row_records(table, conflicts), strict=True):
             if self._older_hashes and self.dedup.holds(int(fps[c]), payload_hash(record)):
                 # a copy of an event stored with the v1 hash (before the compiled path)
                 decisions[c] = Decision.DUPLICATE
@@ -342,8 +343,7 @@ class Pipeline:
                 f"event_id: {record['event_id']!r} from {record['reporting_carrier']} was "
                 "already counted with different content; the first one stands",
             )
-            origin = _origin(where, batch, c)
-            out.dead_letters.append(self._letter(batch, origin, rejection, record))
+            out.dead_letters.append(self._letter(batch, int(where.source[c]), rejection, record))
         new = decisions == Decision.NEW
         out.duplicates = int(np.count_nonzero(decisions == Decision.DUPLICATE))
         out.accepted = int(np.count_nonzero(new))
@@ -354,11 +354,13 @@ class Pipeline:
 
         rated = self.rater.rate_columns(table)
         if rated.unpriced.any():
-            for u, why in rated.unpriced_detail:
+            unpriced = np.asarray([u for u, _ in rated.unpriced_detail], dtype=np.int64)
+            for (u, why), record in zip(
+                rated.unpriced_detail, row_records(table, unpriced), strict=True
+            ):
                 # Not counted: forget it, so the same event can be replayed after a card fix.
                 self.dedup.forget_fp(int(fps[u]), int(where.partitions[u]), int(where.offsets[u]))
-                record = row_record(table, u)
-                origin = _origin(where, batch, u)
+                origin = int(where.source[u])
                 out.dead_letters.append(self._letter(batch, origin, why.to_rejection(), record))
             priced = np.flatnonzero(~rated.unpriced)
             out.accepted -= len(rated.unpriced_detail)
@@ -639,15 +641,6 @@ def _row_key(table: pa.Table, row: int) -> str:
     """The dedup key of one row of a decoded batch."""
     carrier = table.column("reporting_carrier")[row].as_py()
     return f"{carrier}\x1f{table.column('event_id')[row].as_py()}"
-
-
-def _origin(where: Positions, batch: ConsumedBatch, row: int) -> int:
-    """The source row in ``batch`` of row ``row`` of a filtered batch (by position)."""
-    hit = np.flatnonzero(
-        (np.asarray(batch.partitions) == where.partitions[row])
-        & (np.asarray(batch.offsets) == where.offsets[row])
-    )
-    return int(hit[0])
 
 
 __all__ = ["BatchReport", "Pipeline", "Reason"]

@@ -118,11 +118,13 @@ def suspect_rows(table: pa.Table, arrived_ms: I64, rules: Rules) -> Mask:
     return bad
 
 
-def row_record(table: pa.Table, row: int) -> dict[str, Any]:
-    """Row ``row`` as a record (the events.py shape: ``attributes`` a dict)."""
-    rec: dict[str, Any] = table.slice(row, 1).to_pylist()[0]
-    rec["attributes"] = dict(rec.get("attributes") or [])
-    return rec
+def row_records(table: pa.Table, rows: npt.NDArray[np.int64]) -> list[dict[str, Any]]:
+    """Rows ``rows`` as records (the events.py shape: ``attributes`` a dict), in one
+    conversion (a few rows of a batch: the doubtful, the conflicting, the unpriced)."""
+    records: list[dict[str, Any]] = table.take(rows).to_pylist() if len(rows) else []
+    for rec in records:
+        rec["attributes"] = dict(rec.get("attributes") or [])
+    return records
 
 
 def pseudonymise_column(col: pa.Array | pa.ChunkedArray, key: bytes) -> pa.Array:
@@ -146,16 +148,22 @@ def _plain(col: pa.Array | pa.ChunkedArray) -> pa.Array:
 
 @dataclass(frozen=True, slots=True)
 class Positions:
-    """Where a batch's rows came from: one topic, partition/offset/arrival per row."""
+    """Where a batch's rows came from: one topic, partition/offset/arrival per row, and
+    the row's index in the consumed batch (``source``)."""
 
     topic: str
     partitions: I64
     offsets: I64
     arrived_ms: I64
+    source: I64
 
     def take(self, rows: I64 | Mask) -> Positions:
         return Positions(
-            self.topic, self.partitions[rows], self.offsets[rows], self.arrived_ms[rows]
+            self.topic,
+            self.partitions[rows],
+            self.offsets[rows],
+            self.arrived_ms[rows],
+            self.source[rows],
         )
 
 

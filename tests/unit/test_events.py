@@ -527,3 +527,17 @@ def test_usage_event_is_immutable() -> None:
     event = usage_event()
     with pytest.raises(ValidationError):
         event.input_tokens = 99  # type: ignore[misc]
+
+
+def test_pseudonyms_are_hmac_sha256_of_the_id() -> None:
+    """The precomputed-pad HMAC gives the standard library's HMAC-SHA256, for short,
+    block-sized and long keys."""
+    import hashlib
+    import hmac
+
+    from pipeline.events import pseudonymise
+
+    for key in (b"k" * 16, b"x" * 64, b"long key " * 20, bytes(range(40))):
+        for sub in ("13800138000", "+8613900139000", "subscriber-7", "é"):
+            want = hmac.new(key, sub.encode(), hashlib.sha256).hexdigest()[:32]
+            assert pseudonymise(sub, key) == "sub_" + want
