@@ -101,7 +101,7 @@ class Settings(BaseSettings):
 
     # worker batching
     batch_max: int = Field(default=50_000, ge=1, le=500_000)
-    batch_within_s: float = Field(default=0.5, gt=0)
+    batch_within_s: float = Field(default=0.2, gt=0)
     sink_retry_max_s: float = Field(default=30.0, gt=0)
     # the nice value (0-19) of the worker's pipeline thread (batch decoding, rating,
     # inserts); the quota server keeps the normal priority (see docs/quotas.md)
