@@ -183,19 +183,25 @@ class Worker:
 
     def _commit_usage(self, offsets: dict[int, int]) -> None:
         """On the pipeline thread, after the store: commit through faust's consumer, the
-        group's member (the broker refuses commits from a non-member). A refusal after a
-        rebalance is harmless: the batch is stored, the next owner starts after it."""
+        group's member (the broker refuses commits from a non-member). Not waited for:
+        commits run in the order they are handed over, and the store of the next batch
+        need not wait for the broker's answer. A refusal after a rebalance is harmless:
+        the batch is stored, and the next owner starts after it."""
         topic = self.settings.topic_usage
         tps = {TP(topic, p): off for p, off in offsets.items()}
-        loop = self.app.loop
         # faust's Consumer: ``_commit`` commits the given offsets through the member
         consumer: Any = self.app.consumer
-        future = asyncio.run_coroutine_threadsafe(consumer._commit(tps), loop)
-        try:
-            if not future.result(timeout=60):
+        future = asyncio.run_coroutine_threadsafe(consumer._commit(tps), self.app.loop)
+
+        def done(f: Any) -> None:
+            if f.cancelled():
+                log.info("usage offsets %s not committed (stopping)", offsets)
+            elif f.exception() is not None:
+                log.warning("usage offsets %s not committed: %r", offsets, f.exception())
+            elif not f.result():
                 log.info("usage offsets %s not committed (rebalanced meanwhile)", offsets)
-        except TimeoutError:
-            log.warning("committing usage offsets %s took over 60 s", offsets)
+
+        future.add_done_callback(done)
 
     def _observe_usage(self, result: object, batch: ConsumedBatch, seconds: float) -> None:
         self.stats.add(len(batch), seconds)
