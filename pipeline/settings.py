@@ -51,6 +51,8 @@ class QueryLimits:
             "max_rows_to_read": self.rows_to_read,
             "max_bytes_to_read": self.bytes_to_read,
             "read_overflow_mode": "throw",
+            # addressToSymbol, demangle, ...: they read the server's memory layout
+            "allow_introspection_functions": 0,
             "readonly": 1,
         }
 
