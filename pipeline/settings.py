@@ -123,6 +123,9 @@ class Settings(BaseSettings):
 
     # security
     pseudonym_key: SecretStr | None = None
+    # quota webhooks to loopback, private and link-local addresses (a host that is one,
+    # or a name that resolves to one) are refused unless this is true (docs/quotas.md)
+    webhook_allow_private: bool = False
 
     # an analyst's read-only query (`tokenmeter sql`, POST /v1/query): limits the server
     # sets on the engine before it turns readonly on, so the query cannot lift them
