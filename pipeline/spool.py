@@ -20,6 +20,8 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from pipeline.settings import private_dir
+
 _LEN = struct.Struct(">I")
 _NO_KEY = 0xFFFFFFFF
 
@@ -35,7 +37,7 @@ class Spool:
         self.directory = directory
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
-        directory.mkdir(parents=True, exist_ok=True)
+        private_dir(directory)  # raw usage events
 
     def segments(self) -> list[Path]:
         """Segment files, oldest first."""

@@ -25,7 +25,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from pipeline.metering.quota import Hold, QuotaKey, fmt
-from pipeline.settings import Settings
+from pipeline.settings import Settings, private_dir
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class Journal:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path.parent)
         self._fd: int | None = None
         self.lines = 0
 
