@@ -65,7 +65,9 @@ class Spool:
             existing = self.segments()
             seq = int(existing[-1].stem) + 1 if existing else 1
             tmp = self.directory / f"{seq}.tmp"
-            with tmp.open("wb") as fh:
+            # raw usage events: owner-only whatever the producer's umask
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as fh:
                 fh.write(body)
                 fh.flush()
                 os.fsync(fh.fileno())

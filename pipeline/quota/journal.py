@@ -96,7 +96,8 @@ class Journal:
 
     def _rewrite(self, live: list[JournalHold]) -> None:
         tmp = self.path.with_suffix(".tmp")
-        with tmp.open("w", encoding="utf-8") as fh:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # as the journal
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
             for jh in live:
                 h = jh.hold
                 fh.write(self._line_reserve(jh.key, h.id, h.granted, h.expires_ms))

@@ -423,11 +423,13 @@ class WebhookDispatcher:
 def _cause(exc: BaseException, kind: type[PrivateAddressError]) -> PrivateAddressError | None:
     """The ``kind`` exception in ``exc``'s chain of causes (aiohttp wraps the
     resolver's), or None."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, kind):
-            return seen
-        seen = seen.__cause__ or seen.__context__
+    current: BaseException | None = exc
+    seen: set[int] = set()
+    while current is not None and id(current) not in seen:  # a chain can loop
+        if isinstance(current, kind):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
     return None
 
 

@@ -92,3 +92,26 @@ def test_a_loose_data_dir_is_tightened_once(tmp_path: Path) -> None:
     assert _mode(script) == 0o700  # owner's bits kept, executable stays executable
     assert _mode(mine) == 0o644  # unreadable anyway: its directory is 0700
     assert settings.private_data_dir() == ""  # said once
+
+
+def test_the_spool_and_the_quota_journal_are_owner_only_under_a_usual_umask(
+    tmp_path: Path,
+) -> None:
+    """The producer spool holds raw events and runs in the producer's process, whatever
+    its umask; the journal is rewritten at every start."""
+    import os
+
+    from pipeline.quota.journal import Journal
+    from pipeline.spool import Spool
+
+    previous = os.umask(0o022)
+    try:
+        segment = Spool(tmp_path / "data" / "spool").append([(b"tn-1", b"raw event")])
+        journal = Journal(tmp_path / "data" / "quota" / "reservations.jsonl")
+        journal.replay(now_ms=0)
+    finally:
+        os.umask(previous)
+    assert _mode(tmp_path / "data" / "spool") == 0o700
+    assert _mode(segment) == 0o600
+    assert _mode(tmp_path / "data" / "quota") == 0o700
+    assert _mode(journal.path) == 0o600
