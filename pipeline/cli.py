@@ -117,10 +117,18 @@ def worker(
     loglevel: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
 ) -> None:
     """Run the stream processor in the foreground (Ctrl-C stops it cleanly)."""
+    import os
+
     from pipeline.app import run_worker
+    from pipeline.settings import PRIVATE_UMASK
     from pipeline.stack import require_worker_topics
 
     settings = _settings(ctx)
+    # everything the worker writes (warehouse, quota journal, its state) is owner-only
+    os.umask(PRIVATE_UMASK)
+    tightened = settings.private_data_dir()
+    if tightened:
+        err_console.print(f"[yellow]note:[/] {tightened}")
     require_worker_topics(settings)
     raise typer.Exit(run_worker(settings, loglevel=loglevel))
 

@@ -24,7 +24,7 @@ from rich.table import Table
 
 from pipeline.lag import LagReader, wait_caught_up
 from pipeline.query import query_worker
-from pipeline.settings import Settings
+from pipeline.settings import Settings, private_dir
 from pipeline.simulate_run import run_simulation
 from pipeline.worker_state import running_worker
 
@@ -46,7 +46,7 @@ def start_worker(
 ) -> subprocess.Popen[bytes]:
     """Start ``tokenmeter worker`` in the background and wait until it answers."""
     log_path = settings.data_path / "worker.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(log_path.parent)
     cmd = [
         sys.executable,
         "-m",
@@ -57,7 +57,7 @@ def start_worker(
         settings.kafka_bootstrap,
         "worker",
     ]
-    log_file = log_path.open("ab")
+    log_file = os.fdopen(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
     proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + timeout_s
     with console.status("starting the worker"):

@@ -7,8 +7,11 @@ appear in logs or ``repr``. A bad value is reported by its variable name (see
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +25,77 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 class SettingsError(Exception):
     """A configuration value is wrong; the message names the setting."""
+
+
+# Everything tokenmeter keeps under the data dir is its user's only: raw usage events
+# (the broker's log segments, the producer spool), the warehouse, keys, the quota journal.
+# Processes that write there run with this umask (files 0600, directories 0700).
+PRIVATE_UMASK = 0o077
+# what the project creates under the data dir (tightened when the worker or `stack up`
+# starts; anything else there is left alone, the data dir itself being 0700)
+_DATA_DIR_ENTRIES = (
+    "warehouse",
+    "kafka",
+    "spool",
+    "secrets",
+    "quota",
+    "worker",
+    "faults",
+    "reports",
+    "worker.json",
+    "worker.log",
+    "quota_webhooks.yaml",
+)
+
+
+@contextlib.contextmanager
+def private_umask() -> Iterator[None]:
+    """Run the block (and the processes it starts) with ``PRIVATE_UMASK``; the umask is
+    process-wide, so only for a command's own main thread."""
+    previous = os.umask(PRIVATE_UMASK)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def private_dir(path: Path) -> Path:
+    """Create directory ``path`` and its missing parents with mode 0700 (whatever the
+    umask); an existing one is left as it is. Returns ``path``."""
+    missing = []
+    current = path
+    while not current.exists():
+        missing.append(current)
+        current = current.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode=0o700)
+        except FileExistsError:  # another process made it first
+            continue
+        directory.chmod(0o700)
+    return path
+
+
+def tighten(path: Path) -> int:
+    """Take the group and other permission bits off ``path`` and, for a directory,
+    everything under it (symbolic links are not followed). Entries that vanish meanwhile
+    (a running engine's temporary files) or belong to another user are skipped.
+    Returns how many entries were changed."""
+    names = [str(path)]
+    if path.is_dir() and not path.is_symlink():
+        for root, dirs, files in os.walk(path):
+            names += [os.path.join(root, n) for n in dirs + files]
+    changed = 0
+    for name in names:
+        try:
+            mode = os.lstat(name).st_mode
+            if stat.S_ISLNK(mode) or not mode & 0o077:
+                continue
+            os.chmod(name, stat.S_IMODE(mode) & 0o700)
+            changed += 1
+        except (FileNotFoundError, PermissionError):
+            continue
+    return changed
 
 
 @dataclass(frozen=True)
@@ -51,6 +125,8 @@ class QueryLimits:
             "max_rows_to_read": self.rows_to_read,
             "max_bytes_to_read": self.bytes_to_read,
             "read_overflow_mode": "throw",
+            # addressToSymbol, demangle, ...: they read the server's memory layout
+            "allow_introspection_functions": 0,
             "readonly": 1,
         }
 
@@ -121,6 +197,9 @@ class Settings(BaseSettings):
 
     # security
     pseudonym_key: SecretStr | None = None
+    # quota webhooks to loopback, private and link-local addresses (a host that is one,
+    # or a name that resolves to one) are refused unless this is true (docs/quotas.md)
+    webhook_allow_private: bool = False
 
     # an analyst's read-only query (`tokenmeter sql`, POST /v1/query): limits the server
     # sets on the engine before it turns readonly on, so the query cannot lift them
@@ -161,6 +240,25 @@ class Settings(BaseSettings):
     def spool_path(self) -> Path:
         return self.data_path / "spool"
 
+    def private_data_dir(self) -> str:
+        """Create the data dir with mode 0700, and take the group and other bits off it
+        and off what the project keeps in it (``warehouse/``, ``kafka/``, ...), as an
+        older version or another umask may have left them. Returns a line to log when
+        something was tightened, else ""."""
+        root = private_dir(self.data_path)
+        changed = 0
+        if root.stat().st_mode & 0o077:
+            root.chmod(stat.S_IMODE(root.stat().st_mode) & 0o700)
+            changed += 1
+        for name in _DATA_DIR_ENTRIES:
+            changed += tighten(root / name)
+        if not changed:
+            return ""
+        return (
+            f"group or others could read {changed} of the files and directories in {root}: "
+            "made owner-only (directories 0700, files 0600)"
+        )
+
     @property
     def web_url(self) -> str:
         return f"http://{self.web_host}:{self.web_port}"
@@ -196,8 +294,7 @@ class Settings(BaseSettings):
             return value
         path = self.data_path / "secrets" / "pseudonym.key"
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.parent.chmod(0o700)
+            private_dir(path.parent)
             tmp = path.with_suffix(".tmp")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as fh:

@@ -20,6 +20,8 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from pipeline.settings import private_dir
+
 _LEN = struct.Struct(">I")
 _NO_KEY = 0xFFFFFFFF
 
@@ -35,7 +37,7 @@ class Spool:
         self.directory = directory
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
-        directory.mkdir(parents=True, exist_ok=True)
+        private_dir(directory)  # raw usage events
 
     def segments(self) -> list[Path]:
         """Segment files, oldest first."""
@@ -63,7 +65,9 @@ class Spool:
             existing = self.segments()
             seq = int(existing[-1].stem) + 1 if existing else 1
             tmp = self.directory / f"{seq}.tmp"
-            with tmp.open("wb") as fh:
+            # raw usage events: owner-only whatever the producer's umask
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as fh:
                 fh.write(body)
                 fh.flush()
                 os.fsync(fh.fileno())

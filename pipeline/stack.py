@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ClusterMetadata, NewTopic
 
-from pipeline.settings import Settings
+from pipeline.settings import PRIVATE_UMASK, Settings, private_dir, private_umask
 from pipeline.topics import TopicSpec, all_topics
 
 if TYPE_CHECKING:
@@ -173,7 +173,7 @@ def _say(console: Console | None, message: str) -> None:
 @contextlib.contextmanager
 def _locked(settings: Settings) -> Iterator[None]:
     """Serialise ``up`` and ``down`` on one data dir across processes."""
-    settings.kafka_path.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.kafka_path)
     with (settings.kafka_path / "stack.lock").open("a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
@@ -613,7 +613,12 @@ def stack_up(
     is taken by another process, or the broker does not come up (with its log tail).
     """
     bootstrap = _bootstrap(settings)
-    with _locked(settings):
+    # the broker's log segments hold every raw usage event: the data dir and all the
+    # stack writes in it (the broker's own files too: it inherits the umask) owner-only
+    tightened = settings.private_data_dir()
+    if tightened:
+        _say(console, f"[yellow]note:[/] {tightened}")
+    with private_umask(), _locked(settings):
         pid = _our_pid(settings)
         if pid is not None:
             try:
@@ -636,7 +641,7 @@ def stack_up(
                     )
             java = _require("java", "run the Kafka broker")
             lib = ensure_jars(settings, console)
-            _log_dir(settings).mkdir(parents=True, exist_ok=True)
+            private_dir(_log_dir(settings))
             _properties_file(settings).write_text(render_server_properties(settings))
             _format_storage(settings, java, lib, console)
             pid = _start_broker(settings, java, lib, console, timeout_s)
@@ -671,6 +676,7 @@ def _start_broker(
                 stderr=subprocess.STDOUT,
                 cwd=settings.kafka_path,
                 start_new_session=True,  # survives the CLI and its Ctrl-C
+                umask=PRIVATE_UMASK,  # log segments 0600 in 0700 directories
             )
         _children[proc.pid] = proc
         _pid_file(settings).write_text(f"{proc.pid}\n")

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pipeline.settings import Settings
+from pipeline.settings import Settings, private_dir
 
 
 def pidfile_path(settings: Settings) -> Path:
@@ -48,7 +48,7 @@ def running_worker(settings: Settings) -> dict[str, Any] | None:
 def worker_pidfile(settings: Settings) -> Iterator[None]:
     """Announce this process as the worker while the block runs."""
     path = pidfile_path(settings)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     other = running_worker(settings)
     if other and int(other["pid"]) != os.getpid():
         raise RuntimeError(f"a worker already runs with pid {other['pid']}")

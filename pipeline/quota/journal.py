@@ -25,7 +25,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from pipeline.metering.quota import Hold, QuotaKey, fmt
-from pipeline.settings import Settings
+from pipeline.settings import Settings, private_dir
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class Journal:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path.parent)
         self._fd: int | None = None
         self.lines = 0
 
@@ -96,7 +96,8 @@ class Journal:
 
     def _rewrite(self, live: list[JournalHold]) -> None:
         tmp = self.path.with_suffix(".tmp")
-        with tmp.open("w", encoding="utf-8") as fh:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # as the journal
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
             for jh in live:
                 h = jh.hold
                 fh.write(self._line_reserve(jh.key, h.id, h.granted, h.expires_ms))

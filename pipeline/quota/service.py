@@ -291,7 +291,8 @@ class QuotaService:
         self.webhooks = load_webhooks(
             webhooks_path
             if webhooks_path is not None
-            else settings.data_path / "quota_webhooks.yaml"
+            else settings.data_path / "quota_webhooks.yaml",
+            allow_private=settings.webhook_allow_private,
         )
         self.journal: Journal | None = (
             None if replica is not None else Journal(journal_path or default_journal_path(settings))
@@ -321,7 +322,9 @@ class QuotaService:
         self._follower: Any = None
         self.publisher: AlertPublisher | None = None
         self.metrics = metrics
-        self.dispatcher = WebhookDispatcher(self.webhooks, self._record_attempt)
+        self.dispatcher = WebhookDispatcher(
+            self.webhooks, self._record_attempt, allow_private=settings.webhook_allow_private
+        )
         self.started = False
         self._emit_ready = False
         self._stopping = False

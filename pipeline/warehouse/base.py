@@ -180,13 +180,64 @@ _READ_STATEMENTS = ("Show", "Describe", "Explain", "Exists")
 _SELECTS = ("SelectWithUnionQuery", "SelectIntersectExceptQuery")
 
 
+# system tables that hold other sessions' query text or ids: the running queries, the
+# query cache, pending async inserts and every *_log table (query_log, text_log, ...)
+_PRIVATE_SYSTEM = frozenset(
+    {"processes", "user_processes", "query_cache", "asynchronous_inserts", "session_query_ids"}
+)
+# table functions that name tables by strings or expressions (merge's database can be a
+# REGEXP); an argument that is "system" or computed is refused
+_MULTI_TABLE_FUNCTIONS = frozenset(
+    {"merge", "cluster", "clusterAllReplicas", "remote", "remoteSecure"}
+)
+_ALIAS = re.compile(r" \(alias [^)]*\)$")
+
+
+def _is_private(database: str, table: str) -> bool:
+    return database == "system" and (table in _PRIVATE_SYSTEM or table.endswith("_log"))
+
+
+def _private_system_table(ast: list[str]) -> str:
+    """The first private system table the statement reads, from the lines of its
+    ``EXPLAIN AST`` (one node a line, indented by depth): a ``TableIdentifier`` or
+    ``Identifier`` ``system.<name>`` anywhere (subqueries, ``view()``, ``loop()``),
+    a ``SHOW``/``EXISTS`` naming one, ``SHOW PROCESSLIST``, or a ``merge``-like table
+    function whose arguments say "system" or are computed. "" when there is none."""
+    for i, line in enumerate(ast):
+        depth = len(line) - len(line.lstrip(" "))
+        node, _, rest = line.strip().partition(" ")
+        rest = _ALIAS.sub("", rest)
+        if node == "ShowProcesslistQuery":
+            return "system.processes"
+        if node in ("TableIdentifier", "Identifier"):
+            database, _, table = rest.partition(".")
+            if _is_private(database, table):
+                return rest
+        elif node.endswith("Query") and len(rest.split(" ")) >= 2:
+            database, table = rest.split(" ")[:2]  # e.g. "ShowCreateTableQuery system query_log"
+            if _is_private(database, table):
+                return f"{database}.{table}"
+        elif node == "Function" and rest.split(" ")[0] in _MULTI_TABLE_FUNCTIONS:
+            name = rest.split(" ")[0]
+            for arg in ast[i + 1 :]:
+                if len(arg) - len(arg.lstrip(" ")) <= depth:
+                    break
+                arg_node, _, arg_rest = arg.strip().partition(" ")
+                # a literal may come back escaped (\'system\' in TabSeparated), by client
+                arg_rest = _ALIAS.sub("", arg_rest).replace("\\'", "'")
+                if arg_node == "Function" or arg_rest in ("'system'", "system"):
+                    return f"system tables through {name}()"
+    return ""
+
+
 def readonly_statement(sql: str, read_text: Callable[[str], str]) -> tuple[str, bool]:
     """Check an analyst's text with the engine's own parser, through ``read_text`` (runs
     a query on the analyst's read-only connection; its result as text, rows joined by
     newlines). Returns the one statement to run, in ClickHouse's canonical form
     (comments dropped), and whether it is a SELECT. Raises ``ReadOnlyViolationError``
     for several statements, a statement other than SELECT, SHOW, DESCRIBE, EXPLAIN or
-    EXISTS, and a DESCRIBE of a table function."""
+    EXISTS, a DESCRIBE of a table function, and a read of a system table that shows
+    other sessions' queries (``system.processes``, ``system.query_log``, ...)."""
     text = strip_statement(sql)
     # chdb runs every statement of a multi-statement text, so "SELECT 1; DROP ..."
     # must never reach it as SQL. ClickHouse's own formatter, given the text as a
@@ -207,6 +258,12 @@ def readonly_statement(sql: str, read_text: Callable[[str], str]) -> tuple[str, 
         # url(...) makes the request).
         raise ReadOnlyViolationError(
             "read-only access: DESCRIBE of a table function is not allowed"
+        )
+    private = _private_system_table(ast)
+    if private:
+        raise ReadOnlyViolationError(
+            f"read-only access: {private} is not readable by analysts "
+            "(it shows other users' queries)"
         )
     if kind in _SELECTS:
         return text, True

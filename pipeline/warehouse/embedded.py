@@ -31,7 +31,7 @@ import pyarrow as pa
 from chdb import session as chdb_session
 from chdb._exceptions import ChdbError
 
-from pipeline.settings import QueryLimits
+from pipeline.settings import PRIVATE_UMASK, QueryLimits, private_dir
 from pipeline.warehouse.base import (
     RunningQueries,
     WarehouseError,
@@ -60,7 +60,10 @@ class EmbeddedWarehouse:
     kind = "embedded"
 
     def __init__(self, path: Path, limits: QueryLimits | None = None) -> None:
-        path.mkdir(parents=True, exist_ok=True)
+        # The engine writes its files with the process umask, and one process opens one
+        # warehouse: owner-only for this process (the warehouse holds every event).
+        os.umask(PRIVATE_UMASK)
+        private_dir(path)
         self.location = str(path)
         self.limits = limits if limits is not None else QueryLimits()
         self._lock = threading.Lock()

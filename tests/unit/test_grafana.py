@@ -23,6 +23,7 @@ import itertools
 import json
 import re
 import threading
+import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -989,6 +990,17 @@ def test_docker_compose_file_is_valid_and_wired() -> None:
     assert kafka_env["KAFKA_PROCESS_ROLES"] == "broker,controller"  # KRaft, single node
     assert "kafka:9092" in kafka_env["KAFKA_ADVERTISED_LISTENERS"]
     assert services["clickhouse"]["image"].startswith("clickhouse/clickhouse-server:")
+    # analysts (the grafana user) cannot read other users' query text: system tables need
+    # a grant it lacks, introspection functions are off (issue 14, low)
+    ch_mounts = {v.split(":")[1]: v.split(":")[0] for v in services["clickhouse"]["volumes"]}
+    config = ch_mounts["/etc/clickhouse-server/config.d/system-tables-need-grants.xml"]
+    setting = ET.parse(INFRA / config).find(
+        "access_control_improvements/select_from_system_db_requires_grant"
+    )
+    assert setting is not None and setting.text == "true"
+    profile = (INFRA / "clickhouse/initdb/01-grafana-user.sh").read_text()
+    assert "allow_introspection_functions = 0" in profile
+    assert "GRANT SELECT ON ${CLICKHOUSE_DB}.* TO grafana;" in profile
 
     grafana = services["grafana"]
     assert grafana["image"].startswith("grafana/grafana-oss:")

@@ -177,3 +177,52 @@ def test_the_embedded_table_function_guard_holds_on_the_server_backend(limited: 
 def test_text_that_is_not_unicode_is_refused_with_a_message(limited: Any) -> None:
     with pytest.raises(WarehouseError, match="not valid Unicode"):
         limited.query_readonly("SELECT 'x\udcff'")
+
+
+PRIVATE_SYSTEM_READS = [
+    "SELECT query FROM system.processes",
+    "SELECT query FROM `system`.`processes` AS p WHERE p.elapsed >= 0",
+    "SHOW PROCESSLIST",
+    "SELECT * FROM system.query_log",
+    "SELECT * FROM system.query_thread_log",
+    "SELECT 1 WHERE 'x' IN (SELECT query FROM system.processes)",
+    "WITH q AS (SELECT query FROM system.processes) SELECT * FROM q",
+    "SELECT * FROM view(SELECT query FROM system.processes)",
+    "SELECT * FROM loop(system.processes) LIMIT 1",
+    "SELECT query FROM merge('system', '^processes$')",
+    "SELECT query FROM merge(REGEXP('^sys'), '^processes$')",
+    "SELECT query FROM merge(concat('sys', 'tem'), '^processes$')",
+    "SELECT * FROM cluster('default', 'system', 'processes')",
+    "DESCRIBE TABLE system.processes",
+    "SHOW CREATE TABLE system.query_log",
+    "EXPLAIN SELECT query FROM system.processes",
+]
+
+
+@pytest.mark.parametrize("sql", PRIVATE_SYSTEM_READS)
+def test_analysts_cannot_read_other_users_queries(limited: Any, sql: str) -> None:
+    """Another analyst's query text is in system.processes while it runs: refused in
+    every spelling the parser accepts (issue 14, low)."""
+    secret = f"tenant-{uuid.uuid4().hex}"
+    other, _ = in_thread(limited.query_readonly, f"{HEAVY} AND toString(number) != '{secret}'")
+    try:
+        time.sleep(0.3)
+        with pytest.raises(WarehouseError, match="not readable by analysts"):
+            limited.query_readonly(sql)
+    finally:
+        limited.cancel_readonly()
+        other.join(10)
+
+
+def test_ordinary_system_tables_stay_readable(limited: Any) -> None:
+    tables = limited.query_readonly(
+        "SELECT name FROM system.tables WHERE database = 'system' AND name = 'processes'"
+    )
+    assert tables.column("name").to_pylist() == ["processes"]
+    assert limited.query_readonly("SELECT 'system' AS system").to_pylist() == [{"system": "system"}]
+
+
+def test_introspection_functions_are_off_for_analysts(limited: Any) -> None:
+    assert QueryLimits().engine_settings()["allow_introspection_functions"] == 0
+    with pytest.raises(WarehouseError, match="(?i)introspection"):
+        limited.query_readonly("SELECT demangle('_Z1fv') AS f")

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
+import socket
 from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -35,8 +37,15 @@ from pipeline.quota.service import (
     reservation_id,
     status_json,
 )
-from pipeline.quota.webhooks import SIGNATURE_HEADER, load_webhooks, verify
-from pipeline.settings import Settings
+from pipeline.quota.webhooks import (
+    SIGNATURE_HEADER,
+    Webhook,
+    WebhookConfigError,
+    is_public_address,
+    load_webhooks,
+    verify,
+)
+from pipeline.settings import Settings, load_settings
 from pipeline.stages.ingest import Accepted
 from pipeline.stages.rate import Rated, RateStage
 from pipeline.warehouse import Warehouse
@@ -362,13 +371,67 @@ def test_reservation_ids_and_definition_encoding() -> None:
     )
 
 
+Handler = Callable[[web.Request], Any]
+
+
+def deliver_exhausted(
+    settings: Settings,
+    wh: Warehouse,
+    tmp_path: Path,
+    hooks_yaml: Callable[[int], str],
+    handler: Handler,
+    until: Callable[[], bool],
+    host: str = "127.0.0.1",
+    **kw: Any,
+) -> None:
+    """Run the quota service with the webhooks file ``hooks_yaml(port)`` (``port``: a
+    receiver on ``host`` answering with ``handler``), exhaust tenant ``tn-w`` once, and
+    wait (up to 2.5 s) until ``until()``; the attempts are then in webhook_deliveries."""
+
+    async def run() -> None:
+        server = web.Application()
+        server.router.add_route("*", "/{tail:.*}", handler)
+        runner = web.AppRunner(server, access_log=None)  # the receiver's log is not ours
+        await runner.setup()
+        site = web.TCPSite(runner, host, 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        hooks = tmp_path / "hooks.yaml"
+        hooks.write_text(hooks_yaml(port))
+        service = make_service(settings, wh, tmp_path, Clock(), webhooks_path=hooks, **kw)
+        service.apply_definition(definition("tn-w", limit=10))
+        await service.start()
+        await service.on_partitions_assigned([0, 1, 2, 3], wait=True)
+        r = rated("tn-w", 10, "w-1")
+        write_rated(wh, [r])
+        service.on_rated_batch([r])
+        for _ in range(50):
+            await asyncio.sleep(0.05)
+            if until():
+                break
+        await settle(service)
+        await service.stop()
+        await runner.cleanup()
+
+    asyncio.run(run())
+
+
+def allowing_private(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """``settings`` with TOKENMETER_WEBHOOK_ALLOW_PRIVATE=true, as an operator sets it
+    for a receiver on this machine (every test receiver here is on loopback)."""
+    monkeypatch.setenv("TOKENMETER_WEBHOOK_ALLOW_PRIVATE", "true")
+    allowed = load_settings(data_dir=settings.data_dir)
+    assert allowed.webhook_allow_private
+    return allowed
+
+
 def test_webhooks_are_signed_retried_and_recorded(
     clean_warehouse: Warehouse,
     warehouse_settings: Settings,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    wh, clock = clean_warehouse, Clock()
+    wh = clean_warehouse
     secret = "a-webhook-secret-of-some-length"
     monkeypatch.setenv("TM_TEST_HOOK_SECRET", secret)
     received: list[tuple[bytes, dict[str, str]]] = []
@@ -378,39 +441,22 @@ def test_webhooks_are_signed_retried_and_recorded(
         received.append((await request.read(), dict(request.headers)))
         return web.Response(status=503 if len(received) == 1 else 204)
 
-    async def run() -> None:
-        server = web.Application()
-        server.router.add_post("/hook", handler)
-        runner = web.AppRunner(server)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        hooks = tmp_path / "hooks.yaml"
-        hooks.write_text(
+    settings = allowing_private(warehouse_settings, monkeypatch)
+    hooks = load_webhooks_text(tmp_path, "http://127.0.0.1:1/hook", True, secret)
+    assert "a-webhook" not in repr(hooks)
+    deliver_exhausted(
+        settings,
+        wh,
+        tmp_path,
+        lambda port: (
             "webhooks:\n"
             f"  - {{name: ops, url: 'http://127.0.0.1:{port}/hook', "
             "secret_env: TM_TEST_HOOK_SECRET, backoff_s: 0.05, kinds: [exhausted]}\n"
-        )
-        service = make_service(
-            warehouse_settings, wh, tmp_path, clock, webhooks_path=hooks, metrics=metrics
-        )
-        assert "a-webhook" not in repr(service.webhooks)
-        service.apply_definition(definition("tn-w", limit=10))
-        await service.start()
-        await service.on_partitions_assigned([0, 1, 2, 3], wait=True)
-        r = rated("tn-w", 10, "w-1")
-        write_rated(wh, [r])
-        service.on_rated_batch([r])
-        for _ in range(50):
-            await asyncio.sleep(0.05)
-            if len(received) >= 2:
-                break
-        await settle(service)
-        await service.stop()
-        await runner.cleanup()
-
-    asyncio.run(run())
+        ),
+        handler,
+        lambda: len(received) >= 2,
+        metrics=metrics,
+    )
     assert len(received) == 2  # exhausted only (the filter), delivered on the 2nd attempt
     body, headers = received[1]
     assert verify(secret.encode(), body, headers[SIGNATURE_HEADER])
@@ -430,6 +476,215 @@ def test_webhooks_are_signed_retried_and_recorded(
         for outcome in ("ok", "retry", "failed")
     }
     assert counted == {"ok": 1, "retry": 1, "failed": 0}
+
+
+def load_webhooks_text(
+    tmp_path: Path, url: str, allow_private: bool = False, secret: str = "s" * 20
+) -> list[Webhook]:
+    """The webhooks of a file with one webhook to ``url`` (``secret`` in TM_TEST_S)."""
+    path = tmp_path / "one-hook.yaml"
+    path.write_text(f"webhooks:\n  - {{name: ops, url: '{url}', secret_env: TM_TEST_S}}\n")
+    return load_webhooks(path, {"TM_TEST_S": secret}, allow_private=allow_private)
+
+
+NOT_PUBLIC = [
+    "http://127.0.0.1:8080/hook",
+    "http://127.9.9.9/hook",
+    "http://[::1]:8080/hook",
+    "http://169.254.169.254/latest/meta-data/",
+    "http://0.0.0.0:6066/v1/quotas",
+    "http://10.1.2.3/hook",
+    "http://172.16.0.1/hook",
+    "http://172.31.255.254/hook",
+    "http://192.168.1.1/hook",
+    "http://[fc00::1]/hook",
+    "http://[fd12:3456::1]/hook",
+    "http://[fe80::1]/hook",
+    "http://[::ffff:127.0.0.1]/hook",
+    "http://localhost:6066/v1/quotas",
+    "https://LOCALHOST./hook",
+]
+
+
+@pytest.mark.parametrize("url", NOT_PUBLIC)
+def test_a_webhook_to_a_private_address_is_refused_when_configured(
+    tmp_path: Path, url: str
+) -> None:
+    with pytest.raises(WebhookConfigError) as caught:
+        load_webhooks_text(tmp_path, url)
+    message = str(caught.value)
+    assert "webhooks.0.url" in message and "TOKENMETER_WEBHOOK_ALLOW_PRIVATE" in message
+    # the operator's explicit setting allows it
+    assert [h.url for h in load_webhooks_text(tmp_path, url, allow_private=True)] == [url]
+
+
+def test_public_webhook_urls_are_accepted(tmp_path: Path) -> None:
+    for url in (
+        "https://ops.example.com/hooks/tm",
+        "http://8.8.8.8/x",
+        "https://[2001:4860::8888]/",
+    ):
+        assert [h.url for h in load_webhooks_text(tmp_path, url)] == [url]
+    assert load_settings().webhook_allow_private is False  # refused unless set
+    with pytest.raises(Exception, match="TOKENMETER_WEBHOOK_ALLOW_PRIVATE"):
+        load_settings(webhook_allow_private="perhaps")
+
+
+def _loopback_name() -> tuple[str, str]:
+    """A host name other than localhost that resolves to this machine only (the machine's
+    own name, in /etc/hosts), and that address."""
+    name = socket.gethostname()
+    try:
+        addresses = {a[4][0] for a in socket.getaddrinfo(name, 80, type=socket.SOCK_STREAM)}
+    except OSError:
+        pytest.skip(f"this machine's name {name} does not resolve")
+    if len(addresses) != 1 or is_public_address(next(iter(addresses))):
+        pytest.skip(f"{name} resolves to {addresses}, not one non-public address")
+    return name, addresses.pop()
+
+
+def test_a_name_that_resolves_to_a_private_address_is_refused_at_delivery(
+    clean_warehouse: Warehouse,
+    warehouse_settings: Settings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """DNS decides at call time: a name accepted in the file that resolves to a private
+    address is not called; the attempt is a final row that says why."""
+    name, address = _loopback_name()
+    monkeypatch.setenv("TM_TEST_HOOK_SECRET", "a-webhook-secret-of-some-length")
+    received: list[str] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        received.append(request.path)
+        return web.Response(status=204)
+
+    def hooks(port: int) -> str:
+        return (
+            "webhooks:\n"
+            f"  - {{name: ops, url: 'http://{name}:{port}/hook', "
+            "secret_env: TM_TEST_HOOK_SECRET, kinds: [exhausted]}\n"
+        )
+
+    def rows() -> list[dict[str, Any]]:
+        return clean_warehouse.query_arrow(
+            "SELECT attempt, status, http_status, error FROM webhook_deliveries"
+        ).to_pylist()
+
+    deliver_exhausted(
+        warehouse_settings, clean_warehouse, tmp_path, hooks, handler, lambda: False, host=address
+    )
+    assert received == []
+    [row] = rows()
+    assert (row["attempt"], row["status"], row["http_status"]) == (1, "failed", None)
+    assert f"resolves to {address}" in row["error"]
+    assert "TOKENMETER_WEBHOOK_ALLOW_PRIVATE" in row["error"]
+
+    # the same receiver is reached once the setting allows it (the refusal was the check)
+    clean_warehouse.execute("TRUNCATE TABLE webhook_deliveries")
+    settings = allowing_private(warehouse_settings, monkeypatch)
+    deliver_exhausted(
+        settings, clean_warehouse, tmp_path, hooks, handler, lambda: bool(received), host=address
+    )
+    assert received == ["/hook"]
+    assert [r["status"] for r in rows()] == ["ok"]
+
+
+def test_a_redirect_is_not_followed(
+    clean_warehouse: Warehouse,
+    warehouse_settings: Settings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TM_TEST_HOOK_SECRET", "a-webhook-secret-of-some-length")
+    received: list[str] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        received.append(request.path)
+        return web.Response(status=307, headers={"Location": "http://169.254.169.254/x"})
+
+    deliver_exhausted(
+        allowing_private(warehouse_settings, monkeypatch),
+        clean_warehouse,
+        tmp_path,
+        lambda port: (
+            "webhooks:\n"
+            f"  - {{name: ops, url: 'http://127.0.0.1:{port}/hook', "
+            "secret_env: TM_TEST_HOOK_SECRET, kinds: [exhausted], backoff_s: 0.05}\n"
+        ),
+        handler,
+        lambda: bool(received),
+    )
+    assert received == ["/hook"]  # called once, not again, and the target never
+    [row] = clean_warehouse.query_arrow(
+        "SELECT status, http_status, error FROM webhook_deliveries"
+    ).to_pylist()
+    assert (row["status"], row["http_status"]) == ("failed", 307)
+    assert "redirects are not followed" in row["error"]
+
+
+def test_no_secret_of_a_webhook_url_reaches_the_table_or_the_log(
+    clean_warehouse: Warehouse,
+    warehouse_settings: Settings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Secrets in a URL's user info, path and query (as chat webhooks carry them) are not
+    in webhook_deliveries, which analysts read, whatever the outcome: retried, ok, final
+    4xx, connection refused."""
+    monkeypatch.setenv("TM_TEST_HOOK_SECRET", "a-webhook-secret-of-some-length")
+    secrets = ["pw-Zq81vMx", "T0B1path-Kx93LqP", "tok-Wp27sNc", "usr-Hk55"]
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()  # nothing listens there: connection refused
+    calls: list[str] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        calls.append(request.path)
+        if request.path.startswith("/gone"):
+            return web.Response(status=410)
+        return web.Response(status=503 if len(calls) == 1 else 204)
+
+    def hooks(port: int) -> str:
+        base = f"http://{secrets[3]}:{secrets[0]}@127.0.0.1"
+        return (
+            "webhooks:\n"
+            f"  - {{name: ok, url: '{base}:{port}/services/{secrets[1]}?token={secrets[2]}', "
+            "secret_env: TM_TEST_HOOK_SECRET, kinds: [exhausted], backoff_s: 0.05}\n"
+            f"  - {{name: gone, url: '{base}:{port}/gone/{secrets[1]}?token={secrets[2]}', "
+            "secret_env: TM_TEST_HOOK_SECRET, kinds: [exhausted]}\n"
+            f"  - {{name: down, url: '{base}:{closed_port}/x/{secrets[1]}?t={secrets[2]}', "
+            "secret_env: TM_TEST_HOOK_SECRET, kinds: [exhausted], max_attempts: 1}\n"
+        )
+
+    caplog.set_level("DEBUG")
+    deliver_exhausted(
+        allowing_private(warehouse_settings, monkeypatch),
+        clean_warehouse,
+        tmp_path,
+        hooks,
+        handler,
+        lambda: len(calls) >= 3,
+    )
+    table = clean_warehouse.query_arrow(
+        "SELECT webhook, url, status, http_status, error FROM webhook_deliveries"
+    )
+    statuses = sorted((r["webhook"], r["status"], r["http_status"]) for r in table.to_pylist())
+    assert statuses == [
+        ("down", "failed", None),
+        ("gone", "failed", 410),
+        ("ok", "ok", 204),
+        ("ok", "retry", 503),
+    ]
+    stored = " ".join(str(v) for row in table.to_pylist() for v in row.values())
+    for secret in secrets:
+        assert secret not in stored
+        assert secret not in caplog.text
+    urls = set(table.column("url").to_pylist())
+    assert len(urls) == 2 and f"http://127.0.0.1:{closed_port}/…" in urls
+    assert all(re.fullmatch(r"http://127\.0\.0\.1:\d+/…", u) for u in urls)
 
 
 def test_webhook_file_errors(tmp_path: Path) -> None:

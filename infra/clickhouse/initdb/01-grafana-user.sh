@@ -5,6 +5,9 @@
 # plugin's client needs to set max_execution_time, which the profile allows
 # (CHANGEABLE_IN_READONLY, as the plugin's documentation asks) up to 60 s only. The
 # limits match the worker's TOKENMETER_QUERY_MAX_* defaults (README, "limits").
+# Introspection functions are off, and the system tables with other users' query text
+# (system.processes, system.query_log) need a grant it does not have
+# (../config.d/system-tables-need-grants.xml).
 set -euo pipefail
 
 clickhouse client --user "${CLICKHOUSE_USER}" --password "${CLICKHOUSE_PASSWORD}" --multiquery <<SQL
