@@ -65,9 +65,15 @@ def test_the_data_dir_is_created_owner_only_whatever_the_umask(tmp_path: Path) -
 
 
 def test_a_loose_data_dir_is_tightened_once(tmp_path: Path) -> None:
+    import os
+
     data = tmp_path / "data"
-    (data / "warehouse" / "store").mkdir(parents=True)
-    (data / "kafka" / "logs").mkdir(parents=True)
+    previous = os.umask(0o022)  # as an older version left it (mkdir: 0755)
+    try:
+        (data / "warehouse" / "store").mkdir(parents=True)
+        (data / "kafka" / "logs").mkdir(parents=True)
+    finally:
+        os.umask(previous)
     part = data / "warehouse" / "store" / "data.bin"
     part.write_bytes(b"events")
     script = data / "kafka" / "run.sh"
