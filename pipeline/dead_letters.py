@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pipeline.events import Rejection, pseudonymise, record_to_json
+from pipeline.events import Rejection, is_pseudonym, pseudonymise, record_to_json
 
 if TYPE_CHECKING:
     from pipeline.stages.ingest import RawMessage
@@ -117,13 +117,79 @@ def letter_from_rejection(msg: RawMessage, rejection: Rejection) -> DeadLetter:
 # for a dead letter has them pseudonymised. No digit boundaries: in Avro bytes the next
 # field's length or text may be a digit, and a longer digit run that happens to contain
 # such a number is better over-redacted than leaked (found by the hostile-input fuzz).
-_PHONE = re.compile(rb"(?:\+?86|0086)?(1[3-9]\d{9})")
+_PHONE = re.compile(r"(?:\+?86|0086)?(1[3-9]\d{9})")
+# A run of digits (ASCII or full-width), single spaces or hyphens between them, an
+# optional leading + : how a mobile number is written by people and gateways
+# (13600136000, 136 0013 6000, +86-136-0013-6001, full-width digits).
+_DIGITS = "0-9\uff10-\uff19"
+_RUN = re.compile(f"[+\uff0b]?[{_DIGITS}](?:[{_DIGITS}]|[ -](?=[{_DIGITS}])){{10,}}")
+_FOLD = {0xFF10 + d: ord("0") + d for d in range(10)} | {0xFF0B: ord("+")}  # full width
+# what a phone-like run looks like to Arrow's RE2 (the columnar path's first filter)
+PHONE_LIKE = "[0-9\uff10-\uff19]([ -]?[0-9\uff10-\uff19]){10}"
+
+
+def redact_text(text: str, key: bytes, within_runs: bool = False) -> str:
+    """Every mobile number in ``text`` (with its country code, separators or full-width
+    digits) replaced by the pseudonym of its 11 digits. A run of digits must be a number
+    as a whole (an epoch time in a sentence is not one), unless ``within_runs``: in Avro
+    bytes the next field's length may be a digit, and there a longer run that contains a
+    number is better over-redacted than leaked. Pseudonyms are kept."""
+    if is_pseudonym(text):
+        return text
+
+    def run(m: re.Match[str]) -> str:
+        plain = m.group(0).translate(_FOLD).replace(" ", "").replace("-", "")
+        if not within_runs:
+            whole = _PHONE.fullmatch(plain)
+            return pseudonymise(whole.group(1), key) if whole else m.group(0)
+        done = _PHONE.sub(lambda p: pseudonymise(p.group(1), key), plain)
+        return m.group(0) if done == plain else done
+
+    return _RUN.sub(run, text)
 
 
 def redact_phone_numbers(payload: bytes, key: bytes) -> bytes:
-    """Replace anything that looks like a mobile number (with its country code, if any)
-    by the pseudonym of the 11-digit number."""
-    return _PHONE.sub(lambda m: pseudonymise(m.group(1).decode(), key).encode(), payload)
+    """``redact_text`` for raw bytes (not UTF-8 bytes pass through unchanged)."""
+    text = payload.decode("utf-8", "surrogateescape")
+    return redact_text(text, key, within_runs=True).encode("utf-8", "surrogateescape")
+
+
+# Free-text fields a gateway fills as it likes; ids that carry identity (event_id: the
+# dedup key; tenant_id: the account quotas and bills are kept under) are left as sent.
+FREE_TEXT = ("source_id", "transaction_id", "channel", "provider", "region")
+
+
+def redact_record(record: dict[str, Any], key: bytes) -> None:
+    """``redact_text`` on a record's free-text fields and attributes, in place (what a
+    producer sends and what the worker stores)."""
+    for name in FREE_TEXT:
+        value = record.get(name)
+        if isinstance(value, str):
+            record[name] = redact_text(value, key)
+    attributes = record.get("attributes")
+    if isinstance(attributes, dict):
+        record["attributes"] = {
+            redact_text(k, key): redact_text(v, key) if isinstance(v, str) else v
+            for k, v in attributes.items()
+        }
+
+
+def redact_json(value: Any, key: bytes) -> Any:
+    """``redact_text`` on every string of a decoded JSON value (keys included), and a
+    whole number that reads as a mobile number replaced by its pseudonym."""
+    if isinstance(value, str):
+        return redact_text(value, key)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        text = str(value)
+        done = redact_text(text, key)
+        return value if done == text else done
+    if isinstance(value, list):
+        return [redact_json(v, key) for v in value]
+    if isinstance(value, dict):
+        return {redact_json(k, key): redact_json(v, key) for k, v in value.items()}
+    return value
 
 
 # A dead letter is one Kafka message, and librdkafka refuses a message over its
@@ -135,12 +201,26 @@ MAX_DEAD_LETTER_PAYLOAD = 900_000
 
 
 def prepare_dead_letter(letter: DeadLetter, key: bytes) -> DeadLetter:
-    """Make ``letter`` ready for the dead-letter topic, in place: the phone numbers of a
-    raw payload pseudonymised, and a payload over ``MAX_DEAD_LETTER_PAYLOAD`` bytes cut to
-    that, which its detail then says (the whole input stays at its source position)."""
+    """Make ``letter`` ready for the dead-letter topic, in place: every mobile number
+    pseudonymised (``redact_text``) in its payload, raw or JSON, its detail and its
+    event_id/carrier/tenant fields; and a payload over ``MAX_DEAD_LETTER_PAYLOAD`` bytes
+    cut to that, which its detail then says (the whole input stays at its source
+    position)."""
     raw = letter.payload_format == "raw"
     if raw:
         letter.payload = redact_phone_numbers(letter.payload, key)
+    elif _RUN.search(letter.payload.decode("utf-8", "surrogateescape")):
+        try:
+            decoded = json.loads(letter.payload)
+        except ValueError:  # not JSON after all: redact it as text
+            letter.payload = redact_phone_numbers(letter.payload, key)
+        else:
+            letter.payload = json.dumps(redact_json(decoded, key), ensure_ascii=False).encode()
+    letter.detail = redact_text(letter.detail, key)
+    for name in ("event_id", "reporting_carrier", "tenant_id"):
+        value = getattr(letter, name)
+        if value is not None:
+            setattr(letter, name, redact_text(value, key))
     size = len(letter.payload)
     if size > MAX_DEAD_LETTER_PAYLOAD:
         letter.payload = letter.payload[:MAX_DEAD_LETTER_PAYLOAD]

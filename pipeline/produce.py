@@ -26,6 +26,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
+from pipeline.dead_letters import redact_record
 from pipeline.events import (
     Rejection,
     Rules,
@@ -181,6 +182,7 @@ class UsageProducer:
             raise InvalidEventError(rejection)
         record = dict(record)
         record["subscriber_id"] = pseudonymise(record["subscriber_id"], self._key)
+        redact_record(record, self._key)
         encode = self.codec.encode_confluent if self._confluent else self.codec.encode
         self.send_raw(record["tenant_id"].encode(), encode(record))
 

@@ -12,7 +12,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from pipeline.dead_letters import DeadLetter, redact_phone_numbers
+from pipeline.dead_letters import DeadLetter, prepare_dead_letter
 from pipeline.events import is_pseudonym, now_ms, pseudonymise
 from pipeline.produce import LineProblem
 from pipeline.serde import AvroCodec
@@ -79,13 +79,13 @@ class FileRejects:
         try:
             obj = json.loads(line)
         except ValueError:
-            return redact_phone_numbers(line, self.key), "raw"
+            return line, "raw"
         if isinstance(obj, dict):
             sub = obj.get("subscriber_id")
             if isinstance(sub, str) and not is_pseudonym(sub):
                 obj["subscriber_id"] = pseudonymise(sub, self.key)
             return json.dumps(obj, ensure_ascii=False).encode(), "json"
-        return redact_phone_numbers(line, self.key), "raw"
+        return line, "raw"
 
     def flush(self) -> int:
         """Send the collected dead letters and wait for the broker. Returns how many."""
@@ -94,6 +94,7 @@ class FileRejects:
         payloads = self._payloads()
         for letter in self._letters:
             letter.payload, letter.payload_format = self._clean(payloads.get(letter.offset, b""))
+            prepare_dead_letter(letter, self.key)  # numbers in detail and fields too
             self._producer.produce(
                 self.settings.topic_dead_letters,
                 self.codec.encode(letter.to_avro()),

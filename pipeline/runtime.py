@@ -70,6 +70,7 @@ from pipeline.stages.columnar import (
     Positions,
     PreparedUsage,
     pseudonymise_column,
+    redact_columns,
     row_records,
     suspect_rows,
     usage_events_rows,
@@ -320,6 +321,7 @@ class Pipeline:
         table = table.set_column(
             subscribers, "subscriber_id", pseudonymise_column(table.column(subscribers), self.key)
         )
+        table = redact_columns(table, self.key)
         clock.lap("pseudonymise")
 
         self._current = (table, where)

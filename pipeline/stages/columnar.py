@@ -22,7 +22,7 @@ import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.dead_letters import DeadLetter
+from pipeline.dead_letters import FREE_TEXT, PHONE_LIKE, DeadLetter, redact_text
 from pipeline.events import (
     CARRIERS,
     FIELDS,
@@ -134,6 +134,44 @@ def pseudonymise_column(col: pa.Array | pa.ChunkedArray, key: bytes) -> pa.Array
     encoded = pc.dictionary_encode(col)
     names = [pseudonymise(s, key) for s in encoded.dictionary.to_pylist()]
     return pc.take(pa.array(names, pa.string()), encoded.indices)
+
+
+def redact_columns(table: pa.Table, key: bytes) -> pa.Table:
+    """Mobile numbers in the free-text columns and in attribute keys and values replaced
+    by their pseudonyms (``redact_text``); Arrow's regex finds the few rows to touch."""
+    for name in FREE_TEXT:
+        col = table.column(name)
+        hit = _np_bool(pc.match_substring_regex(col, PHONE_LIKE))
+        if hit.any():
+            values = col.to_pylist()
+            for i in np.flatnonzero(hit):
+                values[i] = redact_text(values[i], key)
+            table = table.set_column(
+                table.schema.get_field_index(name), name, pa.array(values, col.type)
+            )
+    attributes = table.column("attributes")
+    if isinstance(attributes, pa.ChunkedArray):
+        attributes = attributes.combine_chunks()
+    entries = pa.ListArray.from_arrays(
+        attributes.offsets,
+        pa.StructArray.from_arrays([attributes.keys, attributes.items], ["k", "v"]),
+    )
+    flat = pc.list_flatten(entries)
+    if len(flat):
+        hit = _np_bool(pc.match_substring_regex(flat.field("k"), PHONE_LIKE)) | _np_bool(
+            pc.match_substring_regex(flat.field("v"), PHONE_LIKE)
+        )
+        if hit.any():
+            rows = set(pc.list_parent_indices(entries).to_numpy()[hit].tolist())
+            values = attributes.to_pylist()
+            for r in rows:
+                values[r] = [(redact_text(k, key), redact_text(v, key)) for k, v in values[r]]
+            table = table.set_column(
+                table.schema.get_field_index("attributes"),
+                "attributes",
+                pa.array(values, attributes.type),
+            )
+    return table
 
 
 def _constant(value: object, n: int, type_: pa.DataType) -> pa.Array:
