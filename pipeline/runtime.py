@@ -413,6 +413,11 @@ class Pipeline:
             # already seen from that source partition for a copy (``first_copies``).
             prepared.dead_letters.sort(key=lambda d: (d.topic, d.partition, d.offset))
             self.send_dead_letters(prepared.dead_letters)
+            # and stored here, like the batch's events: the mirror of the dead-letter
+            # topic (faust's agent) may lose letters around a rebalance, and it drops the
+            # copies it then reads (the marks by source position), so a letter is stored
+            # once whichever path stores it first
+            self._store_letters(prepared.dead_letters)
             report.dead_letters.update(d.reason for d in prepared.dead_letters)
             clock.lap("dead_letters")
         for table, data in prepared.writes:
@@ -586,7 +591,11 @@ class Pipeline:
                     event_time_ms=rec["event_time"],
                 )
             )
-        letters = first_copies(letters)
+        return self._store_letters(first_copies(letters))
+
+    def _store_letters(self, letters: list[DeadLetter]) -> int:
+        """Store letters of one or more sources, each source's in offset order, in
+        ``dead_letters``, skipping those at or below the marks. Returns rows inserted."""
         if not letters:
             return 0
         table = dead_letters_table(letters, ingested_now())

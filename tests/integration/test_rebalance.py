@@ -6,6 +6,13 @@ the same group joins (the first loses partitions with batches prepared or being
 stored), cannot store anything (its warehouse refuses every insert, so it holds its
 partitions with a batch retrying), and is SIGKILLed (the first takes them back after the
 session timeout, from the group's committed offsets). Totals must equal the truth.
+
+The second worker has a warehouse of its own (an embedded one can be opened by one
+process only), so its dead letters go to a topic of its own too: its dedup index, empty,
+would not recognise the conflicting copies of events the first worker stored, and its
+letters are not the first worker's to mirror. (Workers of one deployment share the
+warehouse, and with it the index's contents.) The first worker's dead letters are
+stored by the batch that made them, not only by the topic's mirror.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from pipeline.stack import ensure_topics
+from pipeline.topics import dead_letters
 from tests.integration.harness import ROOT, Harness, free_port
 from tests.integration.test_worker import _assert_matches_truth, _truth
 
@@ -49,11 +58,17 @@ def test_partitions_moving_mid_batch_change_no_total(harness: Harness, tmp_path:
     )
     switch = tmp_path / "refuse-inserts"
     port = free_port()
+    own_letters = h.settings.model_copy(
+        update={"topic_dead_letters": h.settings.topic_dead_letters + "-second"}
+    )
+    topic = dead_letters(own_letters)
+    ensure_topics(own_letters, {topic.name: topic.config}, partitions=4)
     env = dict(
         h.env,
         TOKENMETER_DATA_DIR=str(other),
         TOKENMETER_WEB_PORT=str(port),
         TOKENMETER_FAULT_FILE=str(switch),
+        TOKENMETER_TOPIC_DEAD_LETTERS=topic.name,
     )
     with (other / "worker.log").open("ab") as log:
         second = subprocess.Popen(
