@@ -13,12 +13,24 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from pipeline.events import Rejection, is_pseudonym, pseudonymise, record_to_json
 
-if TYPE_CHECKING:
-    from pipeline.stages.ingest import RawMessage
+
+class Source(Protocol):
+    """Where an input came from (``RawMessage`` is one): its position and bytes."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def timestamp_ms(self) -> int: ...
+    @property
+    def value(self) -> bytes: ...
 
 
 @dataclass(slots=True)
@@ -71,9 +83,7 @@ def _storable_time(value: Any) -> bool:
     return isinstance(value, int) and _MIN_MS <= value <= _MAX_MS
 
 
-def dead_letter_for(
-    msg: RawMessage, rejection: Rejection, record: dict[str, Any] | None
-) -> DeadLetter:
+def dead_letter_for(msg: Source, rejection: Rejection, record: dict[str, Any] | None) -> DeadLetter:
     """Build the dead letter for a message; a decoded record is kept as JSON (already
     pseudonymised by the caller), undecodable bytes as they came."""
     if record is None:
@@ -99,7 +109,7 @@ def dead_letter_for(
     )
 
 
-def letter_from_rejection(msg: RawMessage, rejection: Rejection) -> DeadLetter:
+def letter_from_rejection(msg: Source, rejection: Rejection) -> DeadLetter:
     return DeadLetter(
         reason=rejection.reason.value,
         stage=rejection.stage.value,

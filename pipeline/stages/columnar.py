@@ -66,6 +66,19 @@ def _ints(table: pa.Table, name: str) -> I64:
     return np.asarray(pc.fill_null(col, 0).to_numpy(), dtype=np.int64)
 
 
+def _attribute_entries(table: pa.Table) -> tuple[pa.MapArray, pa.ListArray]:
+    """The attributes column, and the same maps as lists of (k, v) structs: list kernels
+    (lengths, flatten, parent indices) work on those, slices included."""
+    attributes = table.column("attributes")
+    if isinstance(attributes, pa.ChunkedArray):
+        attributes = attributes.combine_chunks()
+    entries = pa.ListArray.from_arrays(
+        attributes.offsets,
+        pa.StructArray.from_arrays([attributes.keys, attributes.items], ["k", "v"]),
+    )
+    return attributes, entries
+
+
 def suspect_rows(table: pa.Table, arrived_ms: I64, rules: Rules) -> Mask:
     """True for every row some contract rule might refuse (``check_record`` then decides);
     False only for rows that certainly pass every rule."""
@@ -92,14 +105,7 @@ def suspect_rows(table: pa.Table, arrived_ms: I64, rules: Rules) -> Mask:
         bad |= (counts < 0) | (counts > max_tokens)
     latency = table.column("latency_ms")
     bad |= _np_bool(pc.less(latency, 0))
-    attributes = table.column("attributes")
-    if isinstance(attributes, pa.ChunkedArray):
-        attributes = attributes.combine_chunks()
-    # a map as a list of (key, value) structs: list kernels work on it, slices included
-    entries = pa.ListArray.from_arrays(
-        attributes.offsets,
-        pa.StructArray.from_arrays([attributes.keys, attributes.items], ["k", "v"]),
-    )
+    attributes, entries = _attribute_entries(table)
     bad |= _np_bool(pc.greater(pc.list_value_length(entries), _MAX_ATTRIBUTES))
     flat = pc.list_flatten(entries)
     if len(flat):
@@ -149,13 +155,7 @@ def redact_columns(table: pa.Table, key: bytes) -> pa.Table:
             table = table.set_column(
                 table.schema.get_field_index(name), name, pa.array(values, col.type)
             )
-    attributes = table.column("attributes")
-    if isinstance(attributes, pa.ChunkedArray):
-        attributes = attributes.combine_chunks()
-    entries = pa.ListArray.from_arrays(
-        attributes.offsets,
-        pa.StructArray.from_arrays([attributes.keys, attributes.items], ["k", "v"]),
-    )
+    attributes, entries = _attribute_entries(table)
     flat = pc.list_flatten(entries)
     if len(flat):
         hit = _np_bool(pc.match_substring_regex(flat.field("k"), PHONE_LIKE)) | _np_bool(

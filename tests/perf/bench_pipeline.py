@@ -617,6 +617,17 @@ def run_ceiling(bootstrap: str, topic: str, total: int, fastavro: bool) -> dict[
     return out
 
 
+def start_worker(
+    label: str, bootstrap: str, topics: TopicSet, work: Path, log: str
+) -> tuple[int, Child]:
+    """A `tokenmeter worker` on ``topics`` with a data dir of its own under ``work``;
+    returns its web port and the child."""
+    port = free_port()
+    env = worker_env(bootstrap, topics, work / f"worker-{topics.tag}", port)
+    child = start(label, [sys.executable, "-m", "pipeline.cli", "worker"], env, work / log)
+    return port, child
+
+
 def run_pipeline(
     label: str,
     bootstrap: str,
@@ -629,12 +640,9 @@ def run_pipeline(
 ) -> dict[str, Any]:
     """A cold worker on a pre-produced backlog of ``total`` events: measured, its
     per-stage CPU read from its status, its stored rows checked against ``truth``."""
-    port = free_port()
-    data = work / f"worker-{topics.tag}"
-    env = worker_env(bootstrap, topics, data, port)
-    log = work / f"{label}.log"
     say(f"{label}: worker started cold on {total:,} events (group {topics.group})")
-    child = start(label, [sys.executable, "-m", "pipeline.cli", "worker"], env, log)
+    log = work / f"{label}.log"
+    port, child = start_worker(label, bootstrap, topics, work, log.name)
     progress = GroupProgress(bootstrap, topics.group, topics.usage)
     try:
         result = measure_consumer(child, progress, total, timeout, profile)
@@ -815,12 +823,8 @@ def run_latency(
 ) -> dict[str, Any]:
     topics = TopicSet(f"{tag}-lat")
     topics.create(settings)
-    port = free_port()
-    env = worker_env(bootstrap, topics, work / f"worker-{topics.tag}", port)
     say(f"latency: warm worker, live traffic at {rate:,.0f} events/s for {seconds:.0f} s")
-    child = start(
-        "latency worker", [sys.executable, "-m", "pipeline.cli", "worker"], env, work / "lat.log"
-    )
+    port, child = start_worker("latency worker", bootstrap, topics, work, "lat.log")
     codec = AvroCodec()
     problem = check_record(marker_record(0, tag, now_ms()), now_ms(), Rules())
     if problem is not None:
@@ -933,12 +937,8 @@ def run_soak(
     ``SOAK_SAMPLE_S``: does memory stay flat?"""
     topics = TopicSet(f"{tag}-soak")
     topics.create(settings)
-    port = free_port()
-    env = worker_env(bootstrap, topics, work / f"worker-{topics.tag}", port)
     say(f"soak: live traffic at {rate:,.0f} events/s for {seconds:.0f} s, RSS every 10 s")
-    child = start(
-        "soak worker", [sys.executable, "-m", "pipeline.cli", "worker"], env, work / "soak.log"
-    )
+    port, child = start_worker("soak worker", bootstrap, topics, work, "soak.log")
     producer = Producer(producer_config(load_settings(kafka_bootstrap=bootstrap)))
     progress = GroupProgress(bootstrap, topics.group, topics.usage)
     watch = RssWatch(child, SOAK_SAMPLE_S)
