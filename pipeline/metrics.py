@@ -104,7 +104,8 @@ class WorkerMetrics:
         )
         self.dead_letters_stored = Counter(
             f"{PREFIX}_dead_letters_stored_total",
-            "Dead letters mirrored from the dead-letter topic into the dead_letters table.",
+            "Dead letters stored in dead_letters (by the usage batch that made them, or"
+            " mirrored from the dead-letter topic).",
             registry=r,
         )
         self.batch_duration = Histogram(
@@ -204,6 +205,10 @@ class WorkerMetrics:
         """Count one batch of the dead-letter mirror (rows stored) and its time."""
         self.dead_letters_stored.inc(stored)
         self.batch_duration.labels("dead_letters").observe(seconds)
+
+    def observe_dead_letters_stored(self, stored: int) -> None:
+        """Count dead letters a usage batch stored itself (the mirror drops its copies)."""
+        self.dead_letters_stored.inc(stored)
 
     def observe_flush(self, table: str, seconds: float, rows: int = 0) -> None:
         """Record one successful sink write into ``table``: its time (retries included)

@@ -417,7 +417,9 @@ class Pipeline:
             # topic (faust's agent) may lose letters around a rebalance, and it drops the
             # copies it then reads (the marks by source position), so a letter is stored
             # once whichever path stores it first
-            self._store_letters(prepared.dead_letters)
+            stored = self._store_letters(prepared.dead_letters)
+            if self.metrics is not None:
+                self.metrics.observe_dead_letters_stored(stored)
             report.dead_letters.update(d.reason for d in prepared.dead_letters)
             clock.lap("dead_letters")
         for table, data in prepared.writes:
