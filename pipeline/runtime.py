@@ -154,6 +154,8 @@ class Pipeline:
         # batches prepared but not stored yet (the store thread is one behind): the dedup
         # index's verify must see their events, which the warehouse does not have yet
         self._unstored: deque[tuple[pa.Table, Positions]] = deque()
+        # (partition, offset) -> row, per batch a verify looked into (by id of Positions)
+        self._rows_by_position: dict[int, tuple[Positions, dict[tuple[int, int], int]]] = {}
         self.dedup = DedupIndex(verify=self._same_event, fingerprint=self._key_fingerprint)
         self.stage_cpu_us: Counter[str] = Counter()
         # stored rows with a payload hash of an older definition are in the index
@@ -248,9 +250,24 @@ class Pipeline:
         processed (not stored yet), else from usage_events."""
         batches = [*self._unstored, self._current] if self._current else list(self._unstored)
         for table, where in batches:
-            hit = np.flatnonzero((where.partitions == position[0]) & (where.offsets == position[1]))
-            if hit.size:
-                return _row_key(table, int(hit[0])) == key
+            cached = self._rows_by_position.get(id(where))
+            if cached is None or cached[0] is not where:
+                # once per batch, and only for batches a verify looks into; the entry
+                # keeps its batch alive, so its id is not reused while it is cached
+                if len(self._rows_by_position) > 8:
+                    self._rows_by_position.clear()
+                cached = self._rows_by_position[id(where)] = (
+                    where,
+                    {
+                        pos: i
+                        for i, pos in enumerate(
+                            zip(where.partitions.tolist(), where.offsets.tolist(), strict=True)
+                        )
+                    },
+                )
+            row = cached[1].get(position)
+            if row is not None:
+                return _row_key(table, row) == key
         carrier, _, event_id = key.partition("\x1f")
         partition, offset = position
         return stored_event_has_key(
@@ -267,6 +284,7 @@ class Pipeline:
         self.sink.forget(topic, sorted(set(held) | set(partitions)))
         self.rater.usage.clear()
         self._unstored.clear()
+        self._rows_by_position.clear()
 
     # ---- the usage path -------------------------------------------------------
     def process_usage(self, messages: list[RawMessage]) -> BatchReport:
