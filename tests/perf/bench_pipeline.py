@@ -73,7 +73,13 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import psutil  # noqa: E402
-from confluent_kafka import Consumer, Producer, TopicPartition  # noqa: E402
+from confluent_kafka import (  # noqa: E402
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient  # noqa: E402
 
 from pipeline.events import Rules, check_record, now_ms  # noqa: E402
@@ -340,7 +346,18 @@ class GroupProgress:
                     for tp in self.end_of
                 )
             return 0
-        return sum(max(tp.offset, 0) for tp in self.consumer.committed(self.parts, timeout=10))
+        for attempt in range(20):
+            try:
+                return sum(
+                    max(tp.offset, 0) for tp in self.consumer.committed(self.parts, timeout=10)
+                )
+            except KafkaException as exc:
+                # a fresh broker answers NOT_COORDINATOR until the group's coordinator
+                # is loaded (seen when the first run of a bench is the garbage mix)
+                if exc.args[0].code() != KafkaError.NOT_COORDINATOR or attempt == 19:
+                    raise
+                time.sleep(0.5)
+        return 0
 
     def end(self) -> int:
         return sum(
